@@ -1,0 +1,66 @@
+"""ViT-B/16 (BROW, full size, seeded random weights), batch 1, on this CPU: every omedge
+variant vs torch fp32 eager, measured in one run (each variant in its own process).
+
+Prints latency, throughput, speed-up, size, peak RSS, parity, and the achieved GFLOP/s
+as a fraction of this machine's measured matmul ceiling for the variant's precision.
+"""
+import argparse
+import json
+import time
+
+import torch
+
+from omedge.bench import add_ratios, bench_model
+from omedge.cli import bench_table, out
+
+VIT_B16_GFLOP = 33.7  # multiply-adds x 2 per 224 px forward
+
+
+def matmul_ceiling(threads: int, n: int = 2048, reps: int = 10) -> dict:
+    """Best-case dense matmul GFLOP/s (GOP/s for int8) of this machine through torch."""
+    torch.set_num_threads(threads)
+    res = {}
+    for name, make, mm in [
+        ("fp32", lambda: torch.randn(n, n), torch.matmul),
+        ("bf16", lambda: torch.randn(n, n).bfloat16(), torch.matmul),
+        ("int8", lambda: torch.randint(-128, 127, (n, n), dtype=torch.int8), torch._int_mm),
+    ]:
+        a, b = make(), make()
+        mm(a, b)
+        t = time.perf_counter()
+        for _ in range(reps):
+            mm(a, b)
+        res[name] = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args()
+    threads = args.threads or torch.get_num_threads()
+    ceiling = matmul_ceiling(threads)
+    rows = bench_model("brow", precisions=("fp32", "bf16", "int8"), formats=("onnx", "openvino"), runs=args.runs,
+                       seconds=args.seconds, threads=args.threads or None, log=print)
+    rows = add_ratios(rows)
+    out.print(bench_table(rows, 1))
+    print(f"\nmatmul ceiling on {threads} threads (torch, 2048^3): " +
+          ", ".join(f"{k} {v:.0f} G(FL)OP/s" for k, v in ceiling.items()))
+    print(f"{'variant':28s} {'runs on':30s} {'GFLOP/s':>8s} {'ceiling':>8s} {'fraction':>8s}")
+    for r in rows:
+        if "throughput" not in r:
+            continue
+        gflops = VIT_B16_GFLOP * r["throughput"]
+        rt = r["runtime"]
+        prec = "int8" if "int8" in r["variant"] else ("bf16" if rt.get("inference_precision") == "bf16" else "fp32")
+        print(f"{r['variant']:28s} {rt['backend'] + '/' + str(rt.get('inference_precision', '')):30s} "
+              f"{gflops:8.1f} {ceiling[prec]:8.0f} {gflops / ceiling[prec]:8.1%}")
+    if args.json:
+        json.dump({"rows": rows, "ceiling": ceiling}, open(args.json, "w"), indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

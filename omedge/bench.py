@@ -1,0 +1,176 @@
+"""`omedge bench`: one table of backend x precision with size, latency, throughput,
+peak RSS and parity. Each variant runs in its own process, so peak RSS is its own and
+two runtimes never spin threads against each other. Run side: no torch import here
+(the torch baseline worker imports it only in its own process)."""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import read_manifest
+from .errors import OmedgeError
+
+
+def _stats(times: list[float], batch: int) -> dict:
+    t = np.asarray(times) * 1000
+    return {"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
+            "mean_ms": float(t.mean()), "throughput": float(batch * 1000 / t.mean())}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(fn, x, warmup, runs, seconds):
+    for _ in range(warmup):
+        fn(x)
+    times, start = [], time.perf_counter()
+    while len(times) < runs or (time.perf_counter() - start < seconds and len(times) < 10 * runs):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def worker_bundle(bundle, artifact, backend, device, batch, runs, warmup, seconds, threads) -> dict:
+    from .parity import compare, gates_for
+    from .runtime import load
+    p = load(bundle, device=device, backend=backend, threads=threads, artifact=artifact)
+    ref = np.load(Path(bundle) / "parity.npz")
+    x_all = ref["inputs"].astype(np.float32)
+    x = np.concatenate([x_all] * (batch // len(x_all) + 1))[:batch]
+    times = _timed(lambda a: p.run(a, batch_size=batch), x, warmup, runs, seconds)
+    outs = p.run(x_all, batch_size=1)
+    reference = {k[4:]: ref[k] for k in ref.files if k.startswith("ref_")}
+    parity = compare(reference, outs, gates_for(p.artifact["precision"]))
+    art = p.artifact
+    size = sum((Path(bundle) / f).stat().st_size for f in art["files"])
+    return {"variant": f"{art['format']} {art['precision']}", "artifact": art["name"],
+            "runtime": p.describe(), "size_mb": size / 1e6, **_stats(times, batch),
+            "peak_rss_mb": _peak_rss_mb(), "parity": parity}
+
+
+def worker_torch(model_id, variant, weights, seed, batch, runs, warmup, seconds, threads, bundle) -> dict:
+    import torch
+    from .models import build, get_spec, load
+    from .parity import compare, gates_for
+    if threads:
+        torch.set_num_threads(threads)
+    spec = get_spec(model_id)
+    model = load(spec, weights, variant)[0] if weights else build(spec, variant, seed=seed)
+    x_all = None
+    if bundle:
+        ref = np.load(Path(bundle) / "parity.npz")
+        x_all = ref["inputs"].astype(np.float32)
+    else:
+        x_all = np.random.default_rng(0).standard_normal((4, *spec.input_shape[1:])).astype(np.float32)
+    x = torch.from_numpy(np.concatenate([x_all] * (batch // len(x_all) + 1))[:batch])
+    with torch.inference_mode():
+        times = _timed(model, x, warmup, runs, seconds)
+        outs = {k: v.numpy() for k, v in model(torch.from_numpy(x_all)).items()}
+    parity = None
+    if bundle:
+        reference = {k[4:]: ref[k] for k in ref.files if k.startswith("ref_")}
+        parity = compare(reference, outs, gates_for("fp32"))
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"variant": "torch fp32 eager", "artifact": "-", "runtime": {"backend": "torch", "version":
+            torch.__version__, "device": "cpu", "threads": torch.get_num_threads()}, "size_mb": size / 1e6,
+            **_stats(times, batch), "peak_rss_mb": _peak_rss_mb(), "parity": parity}
+
+
+def _run_worker(args: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "omedge.bench", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail) or f"exit {proc.returncode}"}
+    return json.loads(lines[-1])
+
+
+def bench_bundle(bundle, device="cpu", batch=1, runs=20, warmup=3, seconds=5.0, threads=None,
+                 timeout=900) -> list[dict]:
+    """Every artifact of the bundle on every backend that can run it on `device`."""
+    from .devices import plan
+    manifest = read_manifest(bundle)
+    candidates, skipped = plan(manifest["artifacts"], device)
+    rows = []
+    for art, backend, dev in candidates:
+        args = ["worker-bundle", str(bundle), art["name"], backend, dev, str(batch), str(runs), str(warmup),
+                str(seconds), str(threads or 0)]
+        row = _run_worker(args, timeout)
+        row.setdefault("variant", f"{art['format']} {art['precision']}")
+        row.setdefault("artifact", art["name"])
+        row["backend"] = backend
+        rows.append(row)
+    return rows
+
+
+def bench_torch(model_id, variant, weights=None, seed=0, batch=1, runs=20, warmup=3, seconds=5.0,
+                threads=None, bundle=None, timeout=900) -> dict:
+    args = ["worker-torch", model_id, variant, str(weights or ""), str(seed), str(batch), str(runs),
+            str(warmup), str(seconds), str(threads or 0), str(bundle or "")]
+    row = _run_worker(args, timeout)
+    row["backend"] = "torch"
+    return row
+
+
+def bench_model(model_id, weights=None, variant=None, calib=None, precisions=("fp32", "bf16", "int8"),
+                formats=("onnx", "openvino"), batch=1, runs=20, warmup=3, seconds=5.0, threads=None,
+                workdir=None, log=lambda m: None) -> list[dict]:
+    """Export the usual variants of a model, then bench them beside torch fp32 eager."""
+    from .exporters import export
+    from .models import get_spec
+    spec = get_spec(model_id)
+    variant = variant or spec.default_variant
+    tmp = Path(workdir or tempfile.mkdtemp(prefix="omedge-bench-"))
+    rows, first_bundle = [], None
+    for precision in precisions:
+        fmts = [f for f in formats if not (precision == "bf16" and f == "onnx")]
+        log(f"exporting {model_id} {variant} {precision} ({', '.join(fmts)})")
+        try:
+            b = export(model_id, weights, variant=variant, formats=fmts, precision=precision,
+                       calib=(calib or "synthetic") if precision == "int8" else None,
+                       random_weights=weights is None, out=tmp / f"{model_id}-{precision}.omedge",
+                       overwrite=True, force=True)
+        except OmedgeError as e:
+            rows.append({"variant": f"{precision}", "error": str(e)})
+            continue
+        first_bundle = first_bundle or b
+        log(f"benchmarking {b.name}")
+        rows += bench_bundle(b, batch=batch, runs=runs, warmup=warmup, seconds=seconds, threads=threads)
+    log("benchmarking torch fp32 eager")
+    rows.insert(0, bench_torch(model_id, variant, weights, 0, batch, runs, warmup, seconds, threads, first_bundle))
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    base = next((r for r in rows if r.get("backend") == "torch" and "throughput" in r), None)
+    for r in rows:
+        if base and "throughput" in r:
+            r["speedup_vs_torch"] = r["throughput"] / base["throughput"]
+    return rows
+
+
+def main(argv: list[str]):
+    kind, *a = argv
+    if kind == "worker-bundle":
+        bundle, artifact, backend, device, batch, runs, warmup, seconds, threads = a
+        out = worker_bundle(bundle, artifact, backend, device, int(batch), int(runs), int(warmup),
+                            float(seconds), int(threads) or None)
+    else:
+        model_id, variant, weights, seed, batch, runs, warmup, seconds, threads, bundle = a
+        out = worker_torch(model_id, variant, weights or None, int(seed), int(batch), int(runs), int(warmup),
+                           float(seconds), int(threads) or None, bundle or None)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,123 @@
+"""A bundle is a folder `<name>.omedge/`: model files + manifest.json.
+
+It is written into a hidden sibling folder and renamed into place, so an interrupted
+or failed export never leaves a half bundle where a user would find it. Loading
+checks every file's sha256 against the manifest before anything runs.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .errors import BundleIntegrityError, ExportError, UsageError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SUFFIX = ".omedge"
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class BundleWriter:
+    """with BundleWriter(out) as w: write files under w.dir; w.commit(manifest)."""
+
+    def __init__(self, out: str | Path, overwrite: bool = False):
+        self.out = Path(out)
+        if self.out.suffix != SUFFIX:
+            self.out = self.out.with_name(self.out.name + SUFFIX)
+        self.overwrite = overwrite
+        self.dir: Path | None = None
+
+    def __enter__(self):
+        if self.out.exists() and not self.overwrite:
+            raise UsageError(f"{self.out} already exists", "pass --overwrite to replace it, or choose another -o")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.dir = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir()
+        return self
+
+    def check_space(self, needed_bytes: int):
+        free = shutil.disk_usage(self.dir).free
+        if free < needed_bytes:
+            raise ExportError(f"not enough disk space in {self.out.parent}: about {needed_bytes / 1e6:.0f} MB "
+                              f"needed, {free / 1e6:.0f} MB free", "free some space or write elsewhere with -o")
+
+    def commit(self, manifest: dict) -> Path:
+        files = {}
+        for p in sorted(self.dir.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(self.dir).as_posix()
+                files[rel] = {"sha256": sha256(p), "bytes": p.stat().st_size}
+        manifest = {**manifest, "files": files}
+        with open(self.dir / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.rename(self.out, old)
+        os.rename(self.dir, self.out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        self.dir = None
+        return self.out
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise ExportError(f"the disk holding {self.out.parent} is full; nothing was written",
+                              "free some space or write elsewhere with -o") from exc
+        return False
+
+
+def read_manifest(bundle: str | Path) -> dict:
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not bundle.is_dir() or not path.is_file():
+        raise BundleIntegrityError(f"{bundle} is not an omedge bundle (no {MANIFEST})",
+                                   "give the .omedge folder that `omedge export` wrote")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleIntegrityError(f"{path} is damaged: {e}") from e
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleIntegrityError(f"{bundle} has manifest schema {manifest.get('schema_version')}, "
+                                   f"this omedge reads {SCHEMA_VERSION}", "re-export with this omedge version")
+    return manifest
+
+
+def verify_files(bundle: str | Path, manifest: dict, only: list[str] | None = None) -> None:
+    """Raise unless every listed file exists with its recorded size and sha256."""
+    bundle = Path(bundle)
+    problems = []
+    for rel, meta in manifest["files"].items():
+        if only is not None and rel not in only:
+            continue
+        p = bundle / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif p.stat().st_size != meta["bytes"]:
+            problems.append(f"{rel}: {p.stat().st_size} bytes, manifest says {meta['bytes']} (truncated?)")
+        elif sha256(p) != meta["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest (file modified)")
+    if problems:
+        raise BundleIntegrityError(f"bundle {bundle.name} failed its integrity check: " + "; ".join(problems),
+                                   "copy the bundle again from its source; never edit files inside it")
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

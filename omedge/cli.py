@@ -1,0 +1,292 @@
+"""The `omedge` command: parse, call the Python API, print. Errors are printed without
+a traceback (unless --debug) and exit with the error's own code."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import OmedgeError, UsageError
+
+# Results to stdout, progress and errors to stderr. Piped output gets a wide, unwrapped
+# layout so logs keep whole lines.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160, soft_wrap=True)
+out = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _library_output_to_stderr():
+    """Quantizers print progress bars to stdout; keep stdout for results (--json)."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def _table(title, columns, rows):
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    return t
+
+
+def cmd_models(args):
+    from .models import all_specs
+    specs = all_specs()
+    if args.json:
+        print(json.dumps([s.summary() for s in specs.values()], indent=2))
+        return 0
+    out.print(_table("omedge models", ["id", "task", "variants", "licence", "title"],
+                     [(s.id, s.task, ", ".join(s.variants), s.licence, s.title) for s in specs.values()]))
+    return 0
+
+
+def cmd_devices(args):
+    from .devices import inventory
+    inv = inventory()
+    if args.json:
+        print(json.dumps(inv, indent=2, default=str))
+        return 0
+    cpu = inv["cpu"]
+    out.print(f"[bold]CPU[/bold]: {cpu['model']} ({cpu.get('vendor', '')}), {cpu.get('physical_cores')} physical / "
+              f"{cpu['logical_cores']} logical cores, {cpu['usable_cores']} usable; "
+              f"ISA: {', '.join(cpu['isa']) or 'baseline'}")
+    if inv["nvidia_gpus"]:
+        for g in inv["nvidia_gpus"]:
+            out.print(f"[bold]NVIDIA GPU {g['index']}[/bold]: {g['name']}, {g['memory_mb']} MiB, driver {g['driver']}")
+    else:
+        out.print("[bold]NVIDIA GPU[/bold]: none found (no nvidia-ml-py / nvidia-smi answer)")
+    intel = [d for d in inv["openvino_devices"] if d["name"] != "CPU"]
+    out.print("[bold]Intel GPU/NPU[/bold]: " + (", ".join(f"{d['name']} ({d['full_name']})" for d in intel)
+                                              or "none found by OpenVINO"))
+    rows = []
+    for name, p in inv["backends"].items():
+        if not p["installed"]:
+            rows.append((name, "-", "no", f"{p['reason']}; {p['hint']}"))
+            continue
+        for dev, reason in p["devices"].items():
+            rows.append((name, p["version"], "yes" if reason is None else "no", reason or ""))
+    out.print(_table("backends x devices", ["backend", "version", "can run", "why not / what to install"], rows))
+    return 0
+
+
+def _precision(args) -> str:
+    chosen = [p for p, flag in (("fp16", args.fp16), ("bf16", args.bf16), ("int8", args.int8),
+                                ("int8-dynamic", args.int8_dynamic)) if flag]
+    if len(chosen) > 1:
+        raise UsageError(f"choose one precision, got {', '.join(chosen)}")
+    return chosen[0] if chosen else "fp32"
+
+
+def cmd_export(args):
+    from .exporters import export
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    with console.status("exporting") as status, _library_output_to_stderr():
+        def log(msg):
+            status.update(msg)
+            console.log(msg)
+        path = export(args.model, args.weights, out=args.output, variant=args.variant,
+                      formats=[f.strip() for f in args.format.split(",")], precision=_precision(args),
+                      calib=args.calib, calib_size=args.calib_size, verify_data=args.verify_data,
+                      random_weights=args.random_weights, seed=args.seed,
+                      trust_checkpoint=args.trust_checkpoint, labels=labels, overwrite=args.overwrite,
+                      force=args.force, log=log)
+    from .bundle import read_manifest
+    m = read_manifest(path)
+    if args.json:
+        print(json.dumps({"bundle": str(path), "artifacts": m["artifacts"], "weights": m["weights"]}, indent=2))
+        return 0
+    if m["weights"]["source"] == "random":
+        out.print("[bold red]RANDOM WEIGHTS[/bold red]: this bundle tests the pipeline; it is not a medical model")
+    rows = []
+    for a in m["artifacts"]:
+        for name, met in a["parity"]["outputs"].items():
+            rows.append((a["name"], name, f"{met['cosine_min']:.6f}", f"{met['max_abs']:.3g}",
+                         met.get("top1_agreement", "-"), a["parity"]["gates"]["cosine_min"],
+                         "pass" if a["parity"]["passed"] else "FAIL (forced)"))
+    out.print(_table(f"{path} - parity vs torch fp32 ({m['verification']['samples']} inputs)",
+                     ["artifact", "output", "cosine min", "max abs", "top-1", "gate", "result"], rows))
+    return 0
+
+
+def cmd_predict(args):
+    from .runtime import load
+    p = load(args.bundle, device=args.device, backend=args.backend, threads=args.threads)
+    outputs = p.predict(args.inputs, batch_size=args.batch_size, return_dict=True)
+    results = []
+    for i, name in enumerate(args.inputs):
+        r = {"input": name}
+        for k, v in outputs.items():
+            r[k] = v[i] if k == "labels" else v[i].tolist()
+        results.append(r)
+    info = p.describe()
+    if args.json:
+        print(json.dumps({"runtime": info, "results": results}, indent=None if len(results) > 4 else 2))
+        return 0
+    if p.manifest["weights"]["source"] == "random":
+        console.print("[bold red]RANDOM WEIGHTS[/bold red]: outputs are meaningless, for pipeline tests only")
+    console.print(f"{info['backend']} on {info['device']} ({info['artifact']}, precision {info['precision']})")
+    if "labels" in outputs:
+        rows = [(r["input"], r["labels"], f"{max(r['probabilities']):.3f}") for r in results]
+        out.print(_table("predictions", ["input", "label", "probability"], rows))
+    else:
+        rows = []
+        for r in results:
+            e = r["embedding"]
+            rows.append((r["input"], len(e), f"{sum(x * x for x in e) ** 0.5:.4f}",
+                         ", ".join(f"{x:.4f}" for x in e[:4]) + ", ..."))
+        out.print(_table("embeddings", ["input", "dim", "L2 norm", "values"], rows))
+    return 0
+
+
+def cmd_verify(args):
+    from .verify import verify
+    report = verify(args.bundle, device=args.device)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        out.print(f"hashes: {report['hashes']} ({report['files']} files)")
+        rows = [(r["artifact"], r["backend"], r["device"], r.get("inference_precision", "-"),
+                 r.get("cosine_min", "-"), r.get("top1_agreement", "-"), r["result"]) for r in report["runs"]]
+        out.print(_table("parity on this machine vs stored torch fp32 reference",
+                         ["artifact", "backend", "device", "exec precision", "cosine min", "top-1", "result"], rows))
+        for s in report["skipped"]:
+            console.print(f"[dim]skipped: {s}[/dim]")
+    return 0 if report["passed"] else 5
+
+
+def cmd_bench(args):
+    from .bench import add_ratios, bench_bundle, bench_model
+    target = Path(args.target)
+    with console.status("benchmarking") as status, _library_output_to_stderr():
+        def log(msg):
+            status.update(msg)
+            console.log(msg)
+        if target.is_dir():
+            rows = bench_bundle(target, device=args.device, batch=args.batch, runs=args.runs,
+                                seconds=args.seconds, threads=args.threads)
+        else:
+            rows = bench_model(args.target, weights=args.weights, variant=args.variant, calib=args.calib,
+                               batch=args.batch, runs=args.runs, seconds=args.seconds, threads=args.threads,
+                               log=log)
+    rows = add_ratios(rows)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    out.print(bench_table(rows, args.batch))
+    return 0
+
+
+def bench_table(rows, batch):
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append((r.get("variant", "?"), r.get("backend", ""), "", "", "", "", "", "", r["error"][:80]))
+            continue
+        par = r.get("parity")
+        if par is None:
+            ptxt = "reference"
+        else:
+            cos = min(m["cosine_min"] for m in par["outputs"].values())
+            ptxt = f"cos {cos:.5f}" + ("" if par["passed"] else " FAIL")
+        rt = r["runtime"]
+        table.append((r["variant"], f"{rt['backend']}/{rt['device']}" +
+                      (f" ({rt['inference_precision']})" if rt.get("inference_precision") else ""),
+                      f"{r['size_mb']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
+                      f"{r['throughput']:.2f}", f"{r.get('speedup_vs_torch', 0):.2f}x",
+                      f"{r['peak_rss_mb']:.0f}", ptxt))
+    return _table(f"omedge bench (batch {batch})", ["variant", "runs on", "size MB", "p50 ms", "p99 ms",
+                  "items/s", "vs torch", "peak RSS MB", "parity"], table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="omedge", description="Export OpenMEDLab models to verified offline bundles "
+                                 "and run them on the hardware at hand.")
+    ap.add_argument("--version", action="version", version=f"omedge {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("models", help="list model ids, variants, tasks, licences")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("devices", help="hardware found, usable backends, and why not")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_devices)
+
+    s = sub.add_parser("export", help="checkpoint -> verified bundle")
+    s.add_argument("model", help="model id (see `omedge models`)")
+    s.add_argument("--weights", help="official checkpoint (.pth/.pt/.bin/.safetensors)")
+    s.add_argument("--random-weights", action="store_true", help="seeded random weights (pipeline demo only)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--variant", help="model size; detected from the checkpoint when omitted")
+    s.add_argument("--format", default="onnx", help="comma list: onnx,openvino")
+    prec = s.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true")
+    prec.add_argument("--bf16", action="store_true", help="OpenVINO bf16 execution")
+    prec.add_argument("--int8", action="store_true", help="static INT8; needs --calib")
+    prec.add_argument("--int8-dynamic", action="store_true", help="INT8 weights, no calibration")
+    s.add_argument("--calib", help="folder of calibration images, or 'synthetic'")
+    s.add_argument("--calib-size", type=int, default=64)
+    s.add_argument("--verify-data", help="folder of images for the parity check")
+    s.add_argument("--labels", help="comma list of class names for a classifier head")
+    s.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (only for trusted files)")
+    s.add_argument("-o", "--output", help="bundle folder (.omedge)")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--force", action="store_true", help="keep a bundle that fails parity (marked in the manifest)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("predict", help="run a bundle on images")
+    s.add_argument("bundle")
+    s.add_argument("inputs", nargs="+")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "npu"])
+    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
+    s.add_argument("--threads", type=int)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("bench", help="backend x precision table (bundle, or model id to export and compare)")
+    s.add_argument("target", help="a bundle folder or a model id")
+    s.add_argument("--weights")
+    s.add_argument("--variant")
+    s.add_argument("--calib")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--runs", type=int, default=20)
+    s.add_argument("--seconds", type=float, default=5.0, help="minimum timing time per variant")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("verify", help="re-check hashes and parity on this machine")
+    s.add_argument("bundle")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_verify)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except OmedgeError as e:
+        if args.debug:
+            console.print_exception()
+        console.print(f"[bold red]error:[/bold red] {e.message}")
+        if e.hint:
+            console.print(f"  -> {e.hint}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/bold red]: nothing was left half-written")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""What hardware is here, which backend can use it, and which one `auto` picks.
+
+Every probe is optional and local (files under /proc, nvidia-ml-py or nvidia-smi,
+OpenVINO's device list); a probe that fails reports why instead of guessing.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import subprocess
+
+from ..runtime.backend import FORMAT_BACKENDS, INSTALL_HINT, probe
+
+ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI",
+             "avx512_bf16": "AVX512-BF16", "amx_tile": "AMX", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
+AUTO_ORDER = ("cuda", "gpu", "cpu")  # npu only when asked for: batch 1, long first compile
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict:
+    info = {"model": platform.processor() or platform.machine(), "arch": platform.machine(),
+            "logical_cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity") else os.cpu_count(), "isa": [], "vendor": ""}
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return info
+    cores, flags = set(), set()
+    phys = core = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "model name":
+            info["model"] = value
+        elif key == "vendor_id":
+            info["vendor"] = value
+        elif key == "flags":
+            flags = set(value.split())
+        elif key == "physical id":
+            phys = value
+        elif key == "core id":
+            core = value
+            cores.add((phys, core))
+    info["physical_cores"] = len(cores) or info["logical_cores"]
+    info["isa"] = [name for flag, name in ISA_FLAGS.items() if flag in flags]
+    info["flags"] = sorted(flags & set(ISA_FLAGS))
+    return info
+
+
+@functools.lru_cache(maxsize=1)
+def nvidia_gpus() -> list[dict]:
+    """NVIDIA GPUs via nvidia-ml-py when installed, else nvidia-smi, else none."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            gpus.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+                         "memory_mb": pynvml.nvmlDeviceGetMemoryInfo(h).total // 2**20,
+                         "driver": str(pynvml.nvmlSystemGetDriverVersion())})
+        return gpus
+    except Exception:
+        pass
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4:
+            gpus.append({"index": int(parts[0]), "name": parts[1], "memory_mb": int(float(parts[2])),
+                         "driver": parts[3]})
+    return gpus
+
+
+def openvino_devices() -> list[dict]:
+    try:
+        from ..runtime.ov import core
+    except ImportError:
+        return []
+    devices = []
+    for name in core().available_devices:
+        try:
+            full = core().get_property(name, "FULL_DEVICE_NAME")
+        except RuntimeError:
+            full = name
+        devices.append({"name": name, "full_name": full})
+    return devices
+
+
+def inventory() -> dict:
+    return {"cpu": cpu_info(), "nvidia_gpus": nvidia_gpus(), "openvino_devices": openvino_devices(),
+            "backends": {name: probe(name) for name in INSTALL_HINT}}
+
+
+def backends_for_device(device: str) -> tuple[str, ...]:
+    if device == "cuda":
+        return ("onnxruntime",)
+    if device in ("gpu", "npu"):
+        return ("openvino", "onnxruntime")
+    intel = cpu_info().get("vendor") == "GenuineIntel"
+    return ("openvino", "onnxruntime") if intel else ("onnxruntime", "openvino")
+
+
+def plan(artifacts: list[dict], device: str = "auto", backend: str = "auto"):
+    """Order the (artifact, backend, device) choices for a bundle and explain the rest.
+
+    Returns (candidates, skipped): candidates in the order to try; skipped as
+    human-readable lines saying why each other combination cannot run here.
+    """
+    devices = AUTO_ORDER if device == "auto" else (device,)
+    candidates, skipped = [], []
+    probes = {}
+    for dev in devices:
+        names = backends_for_device(dev)
+        if backend != "auto":
+            names = tuple(n for n in names if n == backend) or (backend,)
+        for name in names:
+            if name not in probes:
+                probes[name] = probe(name)
+            p = probes[name]
+            usable = [a for a in artifacts if name in FORMAT_BACKENDS.get(a["format"], ())]
+            # prefer the backend's own format (OpenVINO IR over ONNX for openvino)
+            usable.sort(key=lambda a: a["format"] != name)
+            if not usable:
+                skipped.append(f"{name} on {dev}: the bundle has no format it runs "
+                               f"({', '.join(sorted({a['format'] for a in artifacts}))})")
+                continue
+            if not p["installed"]:
+                skipped.append(f"{name} on {dev}: {p['reason']} -> {p['hint']}")
+                continue
+            reason = p["devices"].get(dev, f"{name} does not support device '{dev}'")
+            if reason:
+                skipped.append(f"{name} on {dev}: {reason}")
+                continue
+            candidates.extend((a, name, dev) for a in usable)
+    return candidates, skipped

@@ -1,0 +1,16 @@
+"""ONNX -> OpenVINO IR (.xml + .bin)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def convert(onnx_path: Path):
+    import openvino as ov
+    return ov.convert_model(str(onnx_path))
+
+
+def save_ir(model, xml_path: Path, compress_to_fp16: bool) -> list[Path]:
+    import openvino as ov
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(xml_path), compress_to_fp16=compress_to_fp16)
+    return [xml_path, xml_path.with_suffix(".bin")]

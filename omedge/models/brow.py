@@ -1,0 +1,26 @@
+"""BROW: DINO ViT-B/16 pathology encoder (openmedlab/BROW). Output: CLS token after
+the final norm, 768-d."""
+from .checkpoint import drop, strip_prefix, unwrap
+from .spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+from .vit import VIT_SIZES, VisionTransformer
+
+
+def build(variant: str):
+    return VisionTransformer(**VIT_SIZES[variant], pool="cls")
+
+
+def remap(raw):
+    # The release is a bare state_dict; DINO training dicts (teacher/student) and
+    # DataParallel prefixes are accepted too. The DINO projection head is not deployed.
+    sd = strip_prefix(unwrap(raw), "module.", "backbone.")
+    return drop(sd, r"head\."), {}
+
+
+SPECS = [ModelSpec(
+    id="brow", title="BROW pathology WSI encoder (DINO ViT-B/16)", task="embedding",
+    variants=("B", "tiny"), default_variant="B",
+    preprocess={"color": "RGB", "grayscale": "refuse", "center_crop": 224,
+                "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                "expected_size": [256, 256], "note": "256 px tile read at WSI level 0"},
+    licence="none stated by the authors", source="https://github.com/openmedlab/BROW",
+    build=build, remap=remap)]

@@ -1,0 +1,42 @@
+"""DeblurringMIM (openmedlab/DeblurringMIM): MAE ViT-B/16 thyroid-ultrasound encoder.
+
+The pretraining file ({'model': encoder + decoder}) gives an embedding; a fine-tuned
+file with `fc_norm` + `head` gives the 2-class nodule classifier as well.
+"""
+from ..errors import CheckpointError
+from .checkpoint import drop, strip_prefix, unwrap
+from .spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+from .vit import VIT_SIZES, VisionTransformer
+
+
+def build(variant: str, num_classes: int = 0):
+    # Classifier: mean of patch tokens (no CLS) -> fc_norm -> head. Encoder only:
+    # mean of normed patch tokens.
+    return VisionTransformer(**VIT_SIZES[variant], pool="avg" if num_classes else "avg_norm",
+                             fixed_pos="mae", num_classes=num_classes)
+
+
+def remap(raw):
+    sd = strip_prefix(unwrap(raw, ("model", "state_dict")), "module.")
+    sd = drop(sd, r"decoder_", r"mask_token$")
+    if "head.weight" in sd and "fc_norm.weight" in sd:
+        return sd, {"num_classes": int(sd["head.weight"].shape[0])}
+    if "head.weight" in sd:
+        raise CheckpointError("checkpoint has a classification head but no fc_norm: "
+                              "not a DeblurringMIM fine-tuned classifier")
+    return sd, {}
+
+
+SPECS = [ModelSpec(
+    id="deblurring-mae", title="DeblurringMIM MAE ViT-B/16 thyroid ultrasound encoder (+ nodule classifier)",
+    task="embedding", variants=("B", "tiny"), default_variant="B",
+    preprocess={"color": "RGB", "grayscale": "replicate",
+                "blur": {"sigma": 1.1, "on": "grayscale"},
+                "resize": {"size": 256, "interpolation": "bicubic"}, "center_crop": 224,
+                "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                "note": "official pipeline: 8-bit grayscale -> cv2.GaussianBlur(sigma 1.1) -> RGB "
+                        "-> Resize 256 bicubic -> CenterCrop 224 -> ImageNet mean/std"},
+    licence="CC-BY-NC-4.0", source="https://github.com/openmedlab/DeblurringMIM",
+    build=build, remap=remap, labels=["class_0", "class_1"],
+    notes="Class order follows the training folders (ImageFolder, alphabetical); the release "
+          "does not name them, so pass --labels at export, e.g. --labels benign,malignant.")]

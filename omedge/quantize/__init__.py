@@ -1,0 +1,1 @@
+"""Quantizers: onnxruntime's QDQ quantizer for ONNX, NNCF for OpenVINO IR."""

@@ -1,0 +1,9 @@
+"""Run side: numpy + one backend. Never imports torch."""
+from __future__ import annotations
+
+
+def load(bundle, device: str = "auto", backend: str = "auto", threads: int | None = None,
+         artifact: str | None = None):
+    """Open a bundle (hashes checked first) on the best usable backend/device."""
+    from .predictor import Predictor
+    return Predictor(bundle, device=device, backend=backend, threads=threads, artifact=artifact)

@@ -1,0 +1,76 @@
+"""onnxruntime backend: CPU here; CUDA / TensorRT / OpenVINO execution providers where the
+installed onnxruntime build has them and the hardware is present."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import BackendUnavailableError
+from .backend import Backend
+
+PROVIDERS = {  # omedge device -> execution provider (first choice)
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "gpu": "OpenVINOExecutionProvider",
+    "npu": "OpenVINOExecutionProvider",
+}
+WHY_NOT = {
+    "cuda": "this onnxruntime build has no CUDA provider (pip install onnxruntime-gpu, with CUDA 12 + cuDNN 9)",
+    "gpu": "this onnxruntime build has no OpenVINO provider (pip install onnxruntime-openvino), "
+           "or use backend=openvino",
+    "npu": "this onnxruntime build has no OpenVINO provider (pip install onnxruntime-openvino), "
+           "or use backend=openvino",
+}
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    @staticmethod
+    def probe() -> dict:
+        from ..devices import nvidia_gpus
+        available = ort.get_available_providers()
+        devices = {}
+        for dev, provider in PROVIDERS.items():
+            if provider not in available:
+                devices[dev] = WHY_NOT[dev]
+            elif dev == "cuda" and not nvidia_gpus():
+                devices[dev] = "CUDA provider present but no NVIDIA GPU/driver found"
+            else:
+                devices[dev] = None
+        return {"installed": True, "version": ort.__version__, "providers": available, "devices": devices}
+
+    def __init__(self, files: dict, device: str, options: dict):
+        probe = self.probe()["devices"]
+        if probe.get(device):
+            raise BackendUnavailableError(f"onnxruntime cannot use device '{device}': {probe[device]}")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if options.get("threads"):
+            so.intra_op_num_threads = int(options["threads"])
+        provider = PROVIDERS[device]
+        providers = [provider] if device == "cpu" else [
+            (provider, {"device_type": device.upper()}) if provider.startswith("OpenVINO") else provider,
+            "CPUExecutionProvider"]
+        self.device = device
+        self.session = ort.InferenceSession(str(files["model"]), sess_options=so, providers=providers)
+        used = self.session.get_providers()
+        if used[0] != provider:  # onnxruntime drops a provider it cannot load, silently
+            raise BackendUnavailableError(f"onnxruntime could not start {provider} (session runs {used})",
+                                          WHY_NOT.get(device, ""))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.max_batch = None
+
+    def run(self, inputs: dict) -> dict:
+        outs = self.session.run(self.output_names, {k: np.ascontiguousarray(v) for k, v in inputs.items()})
+        return dict(zip(self.output_names, outs))
+
+    def describe(self) -> dict:
+        so = self.session.get_session_options()
+        return {"backend": "onnxruntime", "version": ort.__version__, "device": self.device,
+                "providers": self.session.get_providers(), "threads": so.intra_op_num_threads or "auto"}
+
+
+BACKEND = OnnxRuntimeBackend

@@ -1,0 +1,86 @@
+"""OpenVINO backend: Intel CPU, iGPU and NPU. Runs IR (.xml/.bin) and ONNX files."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import openvino as ov
+
+from ..errors import BackendUnavailableError
+from .backend import Backend
+
+DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
+WHY_NOT = {
+    "gpu": "OpenVINO finds no Intel GPU (needs the Intel compute runtime / intel-opencl-icd driver)",
+    "npu": "OpenVINO finds no Intel NPU (needs an Intel Core Ultra CPU and the NPU driver)",
+    "cuda": "OpenVINO does not run on NVIDIA GPUs; use backend=onnxruntime with onnxruntime-gpu",
+}
+_core = None
+
+
+def core() -> ov.Core:
+    global _core
+    if _core is None:
+        _core = ov.Core()
+    return _core
+
+
+def precision_name(value) -> str:
+    """OpenVINO returns element types as objects; normalise to 'f32', 'bf16', ..."""
+    text = str(value)
+    return {"<Type: 'float32'>": "f32", "<Type: 'bfloat16'>": "bf16", "<Type: 'float16'>": "f16"}.get(text, text)
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+
+    @staticmethod
+    def probe() -> dict:
+        found = core().available_devices
+        devices = {}
+        for dev, ov_name in DEVICES.items():
+            devices[dev] = None if any(d.split(".")[0] == ov_name for d in found) else WHY_NOT[dev]
+        devices["cuda"] = WHY_NOT["cuda"]
+        return {"installed": True, "version": ov.get_version(), "ov_devices": found, "devices": devices}
+
+    def __init__(self, files: dict, device: str, options: dict):
+        reason = self.probe()["devices"].get(device, f"unknown device '{device}'")
+        if reason:
+            raise BackendUnavailableError(f"openvino cannot use device '{device}': {reason}")
+        model = core().read_model(str(files["model"]))
+        self.max_batch = None
+        if device == "npu":  # the NPU compiler needs static shapes
+            model.reshape({model.inputs[0].any_name: [1, *list(model.inputs[0].get_partial_shape())[1:]]})
+            self.max_batch = 1
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        hint = options.get("inference_precision")
+        if hint:
+            config["INFERENCE_PRECISION_HINT"] = hint
+        if options.get("threads") and device == "cpu":
+            config["INFERENCE_NUM_THREADS"] = int(options["threads"])
+        self.device = device
+        self.compiled = core().compile_model(model, DEVICES[device], config)
+        self.output_names = [o.any_name for o in self.compiled.outputs]
+        self._local = threading.local()
+
+    def run(self, inputs: dict) -> dict:
+        request = getattr(self._local, "request", None)
+        if request is None:  # one infer request per thread: concurrent predict is safe
+            request = self._local.request = self.compiled.create_infer_request()
+        request.infer({k: np.ascontiguousarray(v) for k, v in inputs.items()})
+        return {name: request.get_tensor(out).data.copy()
+                for name, out in zip(self.output_names, self.compiled.outputs)}
+
+    def describe(self) -> dict:
+        info = {"backend": "openvino", "version": ov.get_version(), "device": self.device,
+                "execution_devices": list(self.compiled.get_property("EXECUTION_DEVICES"))}
+        try:
+            info["inference_precision"] = precision_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        except RuntimeError:
+            pass
+        if self.device == "cpu":
+            info["threads"] = self.compiled.get_property("INFERENCE_NUM_THREADS")
+        return info
+
+
+BACKEND = OpenVINOBackend

@@ -1,0 +1,84 @@
+"""Predictor: a verified bundle + the best backend here, behind one `predict`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import read_manifest, verify_files
+from ..errors import BackendUnavailableError, InputError, OmedgeError
+from .backend import backend_class
+from .preprocess import preprocess
+
+DEVICES = ("auto", "cpu", "cuda", "gpu", "npu")
+BACKENDS = ("auto", "onnxruntime", "openvino")
+
+
+class Predictor:
+    def __init__(self, bundle, device="auto", backend="auto", threads=None, artifact=None):
+        from ..devices import plan
+        if device not in DEVICES:
+            raise InputError(f"unknown device '{device}'", f"choose one of {', '.join(DEVICES)}")
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend '{backend}'", f"choose one of {', '.join(BACKENDS)}")
+        self.path = Path(bundle)
+        self.manifest = read_manifest(self.path)
+        verify_files(self.path, self.manifest)  # every hash, before anything is loaded
+        artifacts = self.manifest["artifacts"]
+        if artifact is not None:
+            artifacts = [a for a in artifacts if a["name"] == artifact]
+            if not artifacts:
+                names = ", ".join(a["name"] for a in self.manifest["artifacts"])
+                raise InputError(f"bundle has no artifact '{artifact}'", f"it has: {names}")
+        candidates, self.skipped = plan(artifacts, device, backend)
+        self.backend = None
+        for art, name, dev in candidates:
+            options = {**art.get("runtime", {}).get(name, {}), "threads": threads}
+            files = {"model": self.path / art["entry"]}
+            try:
+                self.backend = backend_class(name)(files, dev, options)
+            except (OmedgeError, RuntimeError) as e:
+                if device != "auto" and backend != "auto":
+                    raise BackendUnavailableError(f"{name} could not open {art['name']} on {dev}: {e}") from e
+                self.skipped.append(f"{name} on {dev} ({art['name']}): failed to start: {e}")
+                continue
+            self.artifact = art
+            break
+        if self.backend is None:
+            raise BackendUnavailableError(
+                f"nothing in {self.path.name} can run here with device={device}, backend={backend}",
+                "; ".join(self.skipped) or "the bundle lists no artifacts")
+        self.input_name = self.manifest["input"]["name"]
+        self.labels = self.manifest.get("labels")
+
+    def run(self, batch: np.ndarray, batch_size: int = 8) -> dict:
+        """Run preprocessed NCHW float32 arrays, in chunks of `batch_size`."""
+        step = min(batch_size, self.backend.max_batch or batch_size)
+        parts = [self.backend.run({self.input_name: batch[i:i + step].astype(np.float32)})
+                 for i in range(0, len(batch), step)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def predict(self, images, batch_size: int = 8, return_dict: bool = False):
+        """Images (paths, PIL images, HWC arrays, or a list / NHWC batch of them) ->
+        the primary output, one row per image (a dict of all outputs with return_dict)."""
+        outputs = self.run(preprocess(images, self.manifest["preprocess"]), batch_size)
+        if return_dict:
+            if "logits" in outputs and self.labels:
+                outputs["probabilities"] = _softmax(outputs["logits"])
+                outputs["labels"] = [self.labels[i] for i in outputs["logits"].argmax(-1)]
+            return outputs
+        return outputs[self.manifest["primary_output"]]
+
+    def describe(self) -> dict:
+        """What really runs: read back from the backend session, not assumed."""
+        m = self.manifest
+        return {"bundle": str(self.path), "model": m["model"]["id"], "variant": m["model"]["variant"],
+                "weights": m["weights"]["source"], "artifact": self.artifact["name"],
+                "format": self.artifact["format"], "precision": self.artifact["precision"],
+                **self.backend.describe(), "parity": self.artifact.get("parity", {}).get("passed"),
+                "skipped": self.skipped}
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)

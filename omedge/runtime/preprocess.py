@@ -1,0 +1,109 @@
+"""The official image preprocessing, run from the manifest's data in numpy + Pillow.
+
+Resizing goes through Pillow because torchvision's Resize on PIL images is exactly a
+Pillow resize: the same call gives the same pixels as the research pipeline.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.images import describe_source, read_image
+
+_RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1}  # PIL codes
+
+
+def opencv_gaussian_kernel(sigma: float, uint8: bool) -> np.ndarray:
+    """The kernel cv2.GaussianBlur(img, (0, 0), sigma) uses: size from sigma as OpenCV
+    derives it (3 sigma each side for 8-bit images, 4 sigma otherwise), odd."""
+    size = int(round(sigma * (3 if uint8 else 4) * 2 + 1)) | 1
+    x = np.arange(size) - (size - 1) / 2
+    k = np.exp(-(x ** 2) / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable blur with OpenCV's default border (reflect-101), HxW or HxWxC."""
+    is_u8 = img.dtype == np.uint8
+    k = opencv_gaussian_kernel(sigma, is_u8)
+    r = len(k) // 2
+    out = img.astype(np.float64)
+    for axis in (0, 1):
+        pad = [(0, 0)] * out.ndim
+        pad[axis] = (r, r)
+        padded = np.pad(out, pad, mode="reflect")
+        n = out.shape[axis]
+        out = sum(w * np.take(padded, np.arange(i, i + n), axis=axis) for i, w in enumerate(k))
+    if is_u8:
+        return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return out.astype(np.float32)
+
+
+def to_gray(img: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma, the weights cv2.imread(..., IMREAD_GRAYSCALE) and PIL's 'L' use."""
+    gray = img[..., 0] * 0.299 + img[..., 1] * 0.587 + img[..., 2] * 0.114
+    return np.round(gray).astype(np.uint8) if img.dtype == np.uint8 else gray.astype(np.float32)
+
+
+def resize_short_side(img: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+    """torchvision Resize(int): the shorter side becomes `size`, the longer keeps the
+    aspect ratio (truncated, as torchvision does)."""
+    from PIL import Image
+    h, w = img.shape[:2]
+    if min(h, w) == size:
+        return img
+    if h <= w:
+        new_h, new_w = size, int(size * w / h)
+    else:
+        new_h, new_w = int(size * h / w), size
+    resample = _RESAMPLE[interpolation]
+    if img.dtype == np.uint8:
+        return np.asarray(Image.fromarray(img).resize((new_w, new_h), resample))
+    chans = [np.asarray(Image.fromarray(img[..., c], mode="F").resize((new_w, new_h), resample))
+             for c in range(img.shape[2])]
+    return np.stack(chans, axis=2)
+
+
+def center_crop(img: np.ndarray, size: int, name: str) -> np.ndarray:
+    h, w = img.shape[:2]
+    if h < size or w < size:
+        raise InputError(f"{name} is {w}x{h} px; the model needs at least {size}x{size} here",
+                         "give the full-size tile the model was trained on")
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return img[top:top + size, left:left + size]
+
+
+def preprocess_one(item, spec: dict) -> np.ndarray:
+    """One image -> CHW float32, following `spec` (the manifest's `preprocess`)."""
+    name = describe_source(item)
+    img = read_image(item, spec.get("grayscale", "replicate"))
+    if "blur" in spec:
+        blur = spec["blur"]
+        if blur.get("on") == "grayscale":
+            img = to_gray(img)
+        img = gaussian_blur(img, blur["sigma"])
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+    if spec.get("resize"):
+        img = resize_short_side(img, spec["resize"]["size"], spec["resize"]["interpolation"])
+    if spec.get("center_crop"):
+        img = center_crop(img, spec["center_crop"], name)
+    x = img.astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0)
+    x = (x - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def as_items(images) -> list:
+    """A single image (path, PIL image, HxW[xC] array) or a batch (list, NHWC array)."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+def preprocess(images, spec: dict) -> np.ndarray:
+    items = as_items(images)
+    if not items:
+        raise InputError("no images given")
+    return np.stack([preprocess_one(item, spec) for item in items])
