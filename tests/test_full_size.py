@@ -1,0 +1,55 @@
+"""Real sizes, once per family: full ViT-B/16 checkpoints in the official layouts
+(85.8 M parameters, random values) load strictly, export, quantize and pass parity."""
+import pytest
+import torch
+
+import omedge
+from omedge.bundle import read_manifest
+from tests.conftest import mae_training_dict, official_state_dict, write_tiles
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    d = tmp_path_factory.mktemp("calib_b")
+    write_tiles(d, 24, seed=5)
+    return d
+
+
+def _bundle_mb(bundle):
+    return sum(f["bytes"] for f in read_manifest(bundle)["files"].values()) / 1e6
+
+
+def test_brow_vit_b_openvino_int8_under_100mb(tmp_path, calib):
+    ckpt = tmp_path / "brow_backbone.pth"
+    torch.save(official_state_dict("brow", "B"), ckpt)
+    b = omedge.export("brow", ckpt, formats=["openvino"], precision="int8", calib=calib, out=tmp_path / "brow")
+    m = read_manifest(b)
+    assert m["model"]["variant"] == "B" and m["model"]["parameters"] == 85_798_656
+    art = m["artifacts"][0]
+    assert art["parity"]["passed"] and art["parity"]["outputs"]["embedding"]["cosine_min"] >= 0.99
+    assert _bundle_mb(b) <= 100
+    emb = omedge.load(b).predict(sorted(calib.iterdir())[:2])
+    assert emb.shape == (2, 768)
+
+
+def test_pathoduet_vit_b_onnx_int8(tmp_path, calib):
+    sd = official_state_dict("pathoduet-he", "B")
+    sd["head.weight"], sd["head.bias"] = torch.randn(1000, 768), torch.zeros(1000)
+    ckpt = tmp_path / "checkpoint_HE.pth"
+    torch.save(sd, ckpt)
+    b = omedge.export("pathoduet-he", ckpt, formats=["onnx"], precision="int8", calib=calib, out=tmp_path / "pd")
+    art = read_manifest(b)["artifacts"][0]
+    assert art["parity"]["passed"] and _bundle_mb(b) <= 100
+    assert "activation x activation" in art["quantization"]["float_nodes"]
+
+
+def test_deblurring_mae_vit_b_training_dict_fp32(tmp_path):
+    ckpt = tmp_path / "checkpoint-799.pth"
+    torch.save(mae_training_dict(official_state_dict("deblurring-mae", "B"), 768), ckpt)
+    b = omedge.export("deblurring-mae", ckpt, formats=["onnx", "openvino"], out=tmp_path / "dm")
+    m = read_manifest(b)
+    assert m["model"]["variant"] == "B"
+    for art in m["artifacts"]:
+        assert art["parity"]["passed"] and art["parity"]["outputs"]["embedding"]["cosine_min"] >= 0.9999
