@@ -39,12 +39,13 @@ def main():
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--precisions", default="fp32,bf16,int8")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     threads = args.threads or torch.get_num_threads()
     ceiling = matmul_ceiling(threads)
-    rows = bench_model("brow", precisions=("fp32", "bf16", "int8"), formats=("onnx", "openvino"), runs=args.runs,
-                       seconds=args.seconds, threads=args.threads or None, log=print)
+    rows = bench_model("brow", precisions=args.precisions.split(","), formats=("onnx", "openvino"), runs=args.runs,
+                       seconds=args.seconds, threads=args.threads or None, modes=("latency", "throughput"), log=print)
     rows = add_ratios(rows)
     out.print(bench_table(rows, 1))
     print(f"\nmatmul ceiling on {threads} threads (torch, 2048^3): " +

@@ -25,6 +25,14 @@ def _stats(times: list[float], batch: int) -> dict:
 
 
 def _peak_rss_mb() -> float:
+    """This process's own peak RSS. Linux carries ru_maxrss over an exec (the worker
+    would report its parent's peak), so read the memory map's high-water mark."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -39,20 +47,26 @@ def _timed(fn, x, warmup, runs, seconds):
     return times
 
 
-def worker_bundle(bundle, artifact, backend, device, batch, runs, warmup, seconds, threads) -> dict:
+def worker_bundle(bundle, artifact, backend, device, batch, runs, warmup, seconds, threads, mode="latency") -> dict:
     from .parity import compare, gates_for
     from .runtime import load
-    p = load(bundle, device=device, backend=backend, threads=threads, artifact=artifact)
+    p = load(bundle, device=device, backend=backend, threads=threads, artifact=artifact, mode=mode)
     ref = np.load(Path(bundle) / "parity.npz")
     x_all = ref["inputs"].astype(np.float32)
     x = np.concatenate([x_all] * (batch // len(x_all) + 1))[:batch]
-    times = _timed(lambda a: p.run(a, batch_size=batch), x, warmup, runs, seconds)
+    if mode == "throughput":  # many single-image requests in flight: items/s over a stream of inputs
+        stream = np.concatenate([x_all] * max(1, 32 // len(x_all)))
+        times = [t / len(stream) for t in _timed(lambda a: p.run(a, batch_size=1), stream, 1, max(3, runs // 8),
+                                                  seconds)]
+    else:
+        times = _timed(lambda a: p.run(a, batch_size=batch), x, warmup, runs, seconds)
     outs = p.run(x_all, batch_size=1)
     reference = {k[4:]: ref[k] for k in ref.files if k.startswith("ref_")}
     parity = compare(reference, outs, gates_for(p.artifact["precision"]))
     art = p.artifact
     size = sum((Path(bundle) / f).stat().st_size for f in art["files"])
-    return {"variant": f"{art['format']} {art['precision']}", "artifact": art["name"],
+    return {"variant": f"{art['format']} {art['precision']}" + (" (throughput)" if mode == "throughput" else ""),
+            "artifact": art["name"], "mode": mode,
             "runtime": p.describe(), "size_mb": size / 1e6, **_stats(times, batch),
             "peak_rss_mb": _peak_rss_mb(), "parity": parity}
 
@@ -96,20 +110,24 @@ def _run_worker(args: list[str], timeout: float) -> dict:
 
 
 def bench_bundle(bundle, device="cpu", batch=1, runs=20, warmup=3, seconds=5.0, threads=None,
-                 timeout=900) -> list[dict]:
-    """Every artifact of the bundle on every backend that can run it on `device`."""
+                 timeout=900, modes=("latency",)) -> list[dict]:
+    """Every artifact of the bundle on every backend that can run it on `device`, in
+    each mode ("latency": one request at a time; "throughput": several in flight)."""
     from .devices import plan
     manifest = read_manifest(bundle)
     candidates, skipped = plan(manifest["artifacts"], device)
     rows = []
     for art, backend, dev in candidates:
-        args = ["worker-bundle", str(bundle), art["name"], backend, dev, str(batch), str(runs), str(warmup),
-                str(seconds), str(threads or 0)]
-        row = _run_worker(args, timeout)
-        row.setdefault("variant", f"{art['format']} {art['precision']}")
-        row.setdefault("artifact", art["name"])
-        row["backend"] = backend
-        rows.append(row)
+        for mode in modes:
+            if mode == "throughput" and backend != "openvino":
+                continue  # onnxruntime's session already spreads one request over all cores
+            args = ["worker-bundle", str(bundle), art["name"], backend, dev, str(batch), str(runs), str(warmup),
+                    str(seconds), str(threads or 0), mode]
+            row = _run_worker(args, timeout)
+            row.setdefault("variant", f"{art['format']} {art['precision']}")
+            row.setdefault("artifact", art["name"])
+            row["backend"] = backend
+            rows.append(row)
     return rows
 
 
@@ -124,7 +142,7 @@ def bench_torch(model_id, variant, weights=None, seed=0, batch=1, runs=20, warmu
 
 def bench_model(model_id, weights=None, variant=None, calib=None, precisions=("fp32", "bf16", "int8"),
                 formats=("onnx", "openvino"), batch=1, runs=20, warmup=3, seconds=5.0, threads=None,
-                workdir=None, log=lambda m: None) -> list[dict]:
+                workdir=None, modes=("latency",), log=lambda m: None) -> list[dict]:
     """Export the usual variants of a model, then bench them beside torch fp32 eager."""
     from .exporters import export
     from .models import get_spec
@@ -134,6 +152,10 @@ def bench_model(model_id, weights=None, variant=None, calib=None, precisions=("f
     rows, first_bundle = [], None
     for precision in precisions:
         fmts = [f for f in formats if not (precision == "bf16" and f == "onnx")]
+        if precision == "bf16" and not native_bf16():
+            rows.append({"variant": "openvino bf16", "backend": "openvino",
+                         "error": "skipped: this CPU has no native bf16 (AVX512-BF16/AMX); emulated it is ~100x slower"})
+            continue
         log(f"exporting {model_id} {variant} {precision} ({', '.join(fmts)})")
         try:
             b = export(model_id, weights, variant=variant, formats=fmts, precision=precision,
@@ -145,10 +167,19 @@ def bench_model(model_id, weights=None, variant=None, calib=None, precisions=("f
             continue
         first_bundle = first_bundle or b
         log(f"benchmarking {b.name}")
-        rows += bench_bundle(b, batch=batch, runs=runs, warmup=warmup, seconds=seconds, threads=threads)
+        rows += bench_bundle(b, batch=batch, runs=runs, warmup=warmup, seconds=seconds, threads=threads,
+                             modes=modes)
     log("benchmarking torch fp32 eager")
     rows.insert(0, bench_torch(model_id, variant, weights, 0, batch, runs, warmup, seconds, threads, first_bundle))
     return rows
+
+
+def native_bf16() -> bool:
+    try:
+        from .runtime.ov import core
+    except ImportError:
+        return False
+    return "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
@@ -162,9 +193,9 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 def main(argv: list[str]):
     kind, *a = argv
     if kind == "worker-bundle":
-        bundle, artifact, backend, device, batch, runs, warmup, seconds, threads = a
+        bundle, artifact, backend, device, batch, runs, warmup, seconds, threads, mode = a
         out = worker_bundle(bundle, artifact, backend, device, int(batch), int(runs), int(warmup),
-                            float(seconds), int(threads) or None)
+                            float(seconds), int(threads) or None, mode)
     else:
         model_id, variant, weights, seed, batch, runs, warmup, seconds, threads, bundle = a
         out = worker_torch(model_id, variant, weights or None, int(seed), int(batch), int(runs), int(warmup),

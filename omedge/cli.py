@@ -166,13 +166,14 @@ def cmd_bench(args):
         def log(msg):
             status.update(msg)
             console.log(msg)
+        modes = ("latency", "throughput") if args.throughput else ("latency",)
         if target.is_dir():
             rows = bench_bundle(target, device=args.device, batch=args.batch, runs=args.runs,
-                                seconds=args.seconds, threads=args.threads)
+                                seconds=args.seconds, threads=args.threads, modes=modes)
         else:
             rows = bench_model(args.target, weights=args.weights, variant=args.variant, calib=args.calib,
                                batch=args.batch, runs=args.runs, seconds=args.seconds, threads=args.threads,
-                               log=log)
+                               modes=modes, log=log)
     rows = add_ratios(rows)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -185,7 +186,7 @@ def bench_table(rows, batch):
     table = []
     for r in rows:
         if "error" in r:
-            table.append((r.get("variant", "?"), r.get("backend", ""), "", "", "", "", "", "", r["error"][:80]))
+            table.append((r.get("variant", "?"), r.get("backend", ""), "", "", "", "", "", "", r["error"][:110]))
             continue
         par = r.get("parity")
         if par is None:
@@ -195,7 +196,8 @@ def bench_table(rows, batch):
             ptxt = f"cos {cos:.5f}" + ("" if par["passed"] else " FAIL")
         rt = r["runtime"]
         table.append((r["variant"], f"{rt['backend']}/{rt['device']}" +
-                      (f" ({rt['inference_precision']})" if rt.get("inference_precision") else ""),
+                      (f" ({rt['inference_precision']}, {rt['streams']} stream{'s' * (rt['streams'] > 1)})"
+                       if rt.get("inference_precision") else ""),
                       f"{r['size_mb']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
                       f"{r['throughput']:.2f}", f"{r.get('speedup_vs_torch', 0):.2f}x",
                       f"{r['peak_rss_mb']:.0f}", ptxt))
@@ -261,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", type=int, default=20)
     s.add_argument("--seconds", type=float, default=5.0, help="minimum timing time per variant")
     s.add_argument("--threads", type=int)
+    s.add_argument("--throughput", action="store_true",
+                   help="also measure with several requests in flight (OpenVINO streams)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench)
 

@@ -36,9 +36,11 @@ def test_export_predict_verify_bench(cli_bundle):
     r = omedge("verify", bundle, "--json")
     report = json.loads(r.stdout)
     assert report["passed"] and len(report["runs"]) == 3
-    r = omedge("bench", bundle, "--runs", "3", "--seconds", "0.2", "--json")
+    r = omedge("bench", bundle, "--runs", "3", "--seconds", "0.2", "--throughput", "--json")
     rows = json.loads(r.stdout)
     assert {row["artifact"] for row in rows} == {"onnx-int8", "openvino-int8"}
+    assert {row["mode"] for row in rows} == {"latency", "throughput"}
+    assert all(row["runtime"]["streams"] >= 1 for row in rows if row["backend"] == "openvino")
     for row in rows:
         assert row["p50_ms"] > 0 and row["peak_rss_mb"] > 10 and row["parity"]["passed"]
         assert row["size_mb"] > 0
@@ -50,7 +52,12 @@ def test_bench_model_id_includes_torch_baseline():
     assert rows[0]["backend"] == "torch" and rows[0]["parity"]["passed"]
     variants = {row["variant"] for row in rows}
     assert {"onnx fp32", "openvino fp32", "openvino bf16", "onnx int8", "openvino int8"} <= variants
-    assert all("speedup_vs_torch" in row for row in rows)
+    assert all("speedup_vs_torch" in row for row in rows if "error" not in row)
+    bf16 = next(row for row in rows if row["variant"] == "openvino bf16")
+    from omedge.bench import native_bf16
+    assert ("error" in bf16 and "native bf16" in bf16["error"]) != native_bf16()
+    # each worker reports its own peak memory, not its parent's
+    assert len({round(row["peak_rss_mb"]) for row in rows if "peak_rss_mb" in row}) > 2
 
 
 def test_models_and_devices():

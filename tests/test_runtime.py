@@ -145,3 +145,21 @@ def test_backend_not_installed_names_the_extra(brow_fp32_bundle):
     r = subprocess.run([sys.executable, "-c", code, str(brow_fp32_bundle)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "omedge[openvino]" in r.stdout and r.stdout.strip().endswith("onnxruntime")
+
+
+def test_throughput_mode_gives_the_same_answers(brow_bundle, tiles):
+    lat = omedge.load(brow_bundle, backend="openvino").predict(tiles[:6], batch_size=1)
+    p = omedge.load(brow_bundle, backend="openvino", mode="throughput")
+    assert p.describe()["mode"] == "throughput"
+    np.testing.assert_allclose(p.predict(tiles[:6], batch_size=1), lat, atol=1e-4)
+
+
+def test_bf16_refused_where_the_cpu_would_emulate_it(tmp_path, ckpt_dir):
+    from omedge.bench import native_bf16
+    b = omedge.export("brow", ckpt_dir / "brow_tiny.pth", formats=["openvino"], precision="bf16",
+                      out=tmp_path / "bf16")
+    if native_bf16():
+        assert omedge.load(b).describe()["inference_precision"] == "bf16"
+    else:
+        with pytest.raises(BackendUnavailableError, match="no native bf16"):
+            omedge.load(b)

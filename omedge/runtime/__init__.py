@@ -3,7 +3,10 @@ from __future__ import annotations
 
 
 def load(bundle, device: str = "auto", backend: str = "auto", threads: int | None = None,
-         artifact: str | None = None):
-    """Open a bundle (hashes checked first) on the best usable backend/device."""
+         artifact: str | None = None, mode: str = "latency"):
+    """Open a bundle (hashes checked first) on the best usable backend/device.
+
+    mode: "latency" answers one request as fast as possible; "throughput" keeps
+    several requests in flight (OpenVINO streams) for tile batches and streams."""
     from .predictor import Predictor
-    return Predictor(bundle, device=device, backend=backend, threads=threads, artifact=artifact)
+    return Predictor(bundle, device=device, backend=backend, threads=threads, artifact=artifact, mode=mode)

@@ -26,6 +26,10 @@ class Backend:
     def run(self, inputs: dict) -> dict:
         raise NotImplementedError
 
+    def run_many(self, chunks: list[dict]) -> list[dict]:
+        """Several requests; a backend that can keep them in flight together overrides this."""
+        return [self.run(c) for c in chunks]
+
     def describe(self) -> dict:
         raise NotImplementedError
 

@@ -52,8 +52,14 @@ class OpenVINOBackend(Backend):
         if device == "npu":  # the NPU compiler needs static shapes
             model.reshape({model.inputs[0].any_name: [1, *list(model.inputs[0].get_partial_shape())[1:]]})
             self.max_batch = 1
-        config = {"PERFORMANCE_HINT": "LATENCY"}
+        self.mode = options.get("mode", "latency")
+        config = {"PERFORMANCE_HINT": self.mode.upper()}
         hint = options.get("inference_precision")
+        if hint == "bf16" and device == "cpu" and not options.get("allow_emulated_bf16") \
+                and "BF16" not in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise BackendUnavailableError(
+                "this CPU has no native bf16 (AVX512-BF16 or AMX); OpenVINO would emulate it about 100x slower",
+                "use an fp32 or int8 artifact on this machine (omedge export ... --int8)")
         if hint:
             config["INFERENCE_PRECISION_HINT"] = hint
         if options.get("threads") and device == "cpu":
@@ -71,8 +77,23 @@ class OpenVINOBackend(Backend):
         return {name: request.get_tensor(out).data.copy()
                 for name, out in zip(self.output_names, self.compiled.outputs)}
 
+    def run_many(self, chunks: list[dict]) -> list[dict]:
+        if self.mode != "throughput" or len(chunks) == 1:
+            return [self.run(c) for c in chunks]
+        results = [None] * len(chunks)
+        queue = ov.AsyncInferQueue(self.compiled)  # one request per stream, all in flight
+
+        def done(request, i):
+            results[i] = {name: request.get_tensor(out).data.copy()
+                          for name, out in zip(self.output_names, self.compiled.outputs)}
+        queue.set_callback(done)
+        for i, c in enumerate(chunks):
+            queue.start_async({k: np.ascontiguousarray(v) for k, v in c.items()}, i)
+        queue.wait_all()
+        return results
+
     def describe(self) -> dict:
-        info = {"backend": "openvino", "version": ov.get_version(), "device": self.device,
+        info = {"backend": "openvino", "version": ov.get_version(), "device": self.device, "mode": self.mode,
                 "execution_devices": list(self.compiled.get_property("EXECUTION_DEVICES"))}
         try:
             info["inference_precision"] = precision_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
@@ -80,6 +101,7 @@ class OpenVINOBackend(Backend):
             pass
         if self.device == "cpu":
             info["threads"] = self.compiled.get_property("INFERENCE_NUM_THREADS")
+        info["streams"] = int(self.compiled.get_property("NUM_STREAMS"))
         return info
 
 

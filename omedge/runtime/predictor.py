@@ -15,12 +15,14 @@ BACKENDS = ("auto", "onnxruntime", "openvino")
 
 
 class Predictor:
-    def __init__(self, bundle, device="auto", backend="auto", threads=None, artifact=None):
+    def __init__(self, bundle, device="auto", backend="auto", threads=None, artifact=None, mode="latency"):
         from ..devices import plan
         if device not in DEVICES:
             raise InputError(f"unknown device '{device}'", f"choose one of {', '.join(DEVICES)}")
         if backend not in BACKENDS:
             raise InputError(f"unknown backend '{backend}'", f"choose one of {', '.join(BACKENDS)}")
+        if mode not in ("latency", "throughput"):
+            raise InputError(f"unknown mode '{mode}'", "choose latency or throughput")
         self.path = Path(bundle)
         self.manifest = read_manifest(self.path)
         verify_files(self.path, self.manifest)  # every hash, before anything is loaded
@@ -33,7 +35,7 @@ class Predictor:
         candidates, self.skipped = plan(artifacts, device, backend)
         self.backend = None
         for art, name, dev in candidates:
-            options = {**art.get("runtime", {}).get(name, {}), "threads": threads}
+            options = {**art.get("runtime", {}).get(name, {}), "threads": threads, "mode": mode}
             files = {"model": self.path / art["entry"]}
             try:
                 self.backend = backend_class(name)(files, dev, options)
@@ -54,8 +56,8 @@ class Predictor:
     def run(self, batch: np.ndarray, batch_size: int = 8) -> dict:
         """Run preprocessed NCHW float32 arrays, in chunks of `batch_size`."""
         step = min(batch_size, self.backend.max_batch or batch_size)
-        parts = [self.backend.run({self.input_name: batch[i:i + step].astype(np.float32)})
-                 for i in range(0, len(batch), step)]
+        chunks = [{self.input_name: batch[i:i + step].astype(np.float32)} for i in range(0, len(batch), step)]
+        parts = self.backend.run_many(chunks)
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def predict(self, images, batch_size: int = 8, return_dict: bool = False):
