@@ -148,29 +148,31 @@ def bench_model(model_id, weights=None, variant=None, calib=None, precisions=("f
     from .models import get_spec
     spec = get_spec(model_id)
     variant = variant or spec.default_variant
-    tmp = Path(workdir or tempfile.mkdtemp(prefix="omedge-bench-"))
-    rows, first_bundle = [], None
-    for precision in precisions:
-        fmts = [f for f in formats if not (precision == "bf16" and f == "onnx")]
-        if precision == "bf16" and not native_bf16():
-            rows.append({"variant": "openvino bf16", "backend": "openvino",
-                         "error": "skipped: this CPU has no native bf16 (AVX512-BF16/AMX); emulated it is ~100x slower"})
-            continue
-        log(f"exporting {model_id} {variant} {precision} ({', '.join(fmts)})")
-        try:
-            b = export(model_id, weights, variant=variant, formats=fmts, precision=precision,
-                       calib=(calib or "synthetic") if precision == "int8" else None,
-                       random_weights=weights is None, out=tmp / f"{model_id}-{precision}.omedge",
-                       overwrite=True, force=True)
-        except OmedgeError as e:
-            rows.append({"variant": f"{precision}", "error": str(e)})
-            continue
-        first_bundle = first_bundle or b
-        log(f"benchmarking {b.name}")
-        rows += bench_bundle(b, batch=batch, runs=runs, warmup=warmup, seconds=seconds, threads=threads,
-                             modes=modes)
-    log("benchmarking torch fp32 eager")
-    rows.insert(0, bench_torch(model_id, variant, weights, 0, batch, runs, warmup, seconds, threads, first_bundle))
+    with tempfile.TemporaryDirectory(prefix="omedge-bench-") as scratch:
+        tmp = Path(workdir or scratch)
+        rows, first_bundle = [], None
+        for precision in precisions:
+            fmts = [f for f in formats if not (precision == "bf16" and f == "onnx")]
+            if precision == "bf16" and not native_bf16():
+                rows.append({"variant": "openvino bf16", "backend": "openvino", "error":
+                             "skipped: this CPU has no native bf16 (AVX512-BF16/AMX); emulated it is ~100x slower"})
+                continue
+            log(f"exporting {model_id} {variant} {precision} ({', '.join(fmts)})")
+            try:
+                b = export(model_id, weights, variant=variant, formats=fmts, precision=precision,
+                           calib=(calib or "synthetic") if precision == "int8" else None,
+                           random_weights=weights is None, out=tmp / f"{model_id}-{precision}.omedge",
+                           overwrite=True, force=True)
+            except OmedgeError as e:
+                rows.append({"variant": f"{precision}", "error": str(e)})
+                continue
+            first_bundle = first_bundle or b
+            log(f"benchmarking {b.name}")
+            rows += bench_bundle(b, batch=batch, runs=runs, warmup=warmup, seconds=seconds, threads=threads,
+                                 modes=modes)
+        log("benchmarking torch fp32 eager")
+        rows.insert(0, bench_torch(model_id, variant, weights, 0, batch, runs, warmup, seconds, threads,
+                                   first_bundle))
     return rows
 
 

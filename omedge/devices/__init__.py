@@ -103,11 +103,11 @@ def inventory() -> dict:
 
 def backends_for_device(device: str) -> tuple[str, ...]:
     if device == "cuda":
-        return ("onnxruntime",)
+        return ("onnxruntime", "llama.cpp")
     if device in ("gpu", "npu"):
         return ("openvino", "onnxruntime")
     intel = cpu_info().get("vendor") == "GenuineIntel"
-    return ("openvino", "onnxruntime") if intel else ("onnxruntime", "openvino")
+    return (("openvino", "onnxruntime") if intel else ("onnxruntime", "openvino")) + ("llama.cpp",)
 
 
 def plan(artifacts: list[dict], device: str = "auto", backend: str = "auto"):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib
 
 # format -> backends able to run it, in the order `auto` tries them on a CPU
-FORMAT_BACKENDS = {"onnx": ("onnxruntime", "openvino"), "openvino": ("openvino",)}
-BACKEND_MODULES = {"onnxruntime": "omedge.runtime.ort", "openvino": "omedge.runtime.ov"}
+FORMAT_BACKENDS = {"onnx": ("onnxruntime", "openvino"), "openvino": ("openvino",), "gguf": ("llama.cpp",)}
+BACKEND_MODULES = {"onnxruntime": "omedge.runtime.ort", "openvino": "omedge.runtime.ov",
+                   "llama.cpp": "omedge.runtime.llama"}
 INSTALL_HINT = {"onnxruntime": "pip install omedge (onnxruntime is a core dependency)",
-                "openvino": "pip install 'omedge[openvino]'"}
+                "openvino": "pip install 'omedge[openvino]'",
+                "llama.cpp": "pip install 'omedge[llm]' (build with CMAKE_ARGS=\"-DGGML_NATIVE=OFF\")"}
 
 
 class Backend:
@@ -42,6 +44,8 @@ def probe(name: str) -> dict:
     """Whether `name` imports here and which devices it can use (reason when not)."""
     try:
         cls = backend_class(name)
+        if name == "llama.cpp":
+            import llama_cpp  # noqa: F401  (the backend module imports it lazily)
     except ImportError as e:
         return {"installed": False, "reason": f"not installed ({e.name or e})", "hint": INSTALL_HINT[name],
                 "devices": {}}

@@ -1,0 +1,71 @@
+"""llama.cpp backend (llama-cpp-python) for GGUF bundles: CPU threads, and GPU offload
+when the installed build has it and a GPU is present."""
+from __future__ import annotations
+
+import os
+
+from ..errors import BackendUnavailableError
+from .backend import Backend
+
+INSTALL = "pip install 'omedge[llm]' with CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" (see README)"
+
+
+def system_info() -> str:
+    import llama_cpp
+    info = llama_cpp.llama_print_system_info()
+    return info.decode() if isinstance(info, bytes) else str(info)
+
+
+def amx_risk() -> str | None:
+    """A build compiled natively on a CPU that advertises AMX dies with SIGILL on the
+    first quantized matmul in VMs that do not enable AMX; say so before it happens."""
+    info = system_info()
+    if "AMX_INT8 = 1" in info or "AMX = 1" in info:
+        return ("this llama.cpp build uses AMX instructions (a native build); where the OS/VM does not enable "
+                "AMX it crashes with SIGILL. Rebuild: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install --force-reinstall "
+                "--no-cache-dir llama-cpp-python")
+    return None
+
+
+class LlamaCppBackend(Backend):
+    name = "llama.cpp"
+
+    @staticmethod
+    def probe() -> dict:
+        import llama_cpp
+        from ..devices import nvidia_gpus
+        offload = bool(llama_cpp.llama_supports_gpu_offload())
+        cuda = None
+        if not offload:
+            cuda = "this llama-cpp-python build has no GPU offload (rebuild with CMAKE_ARGS=\"-DGGML_CUDA=on\")"
+        elif not nvidia_gpus():
+            cuda = "GPU offload built in, but no NVIDIA GPU/driver found"
+        return {"installed": True, "version": llama_cpp.__version__, "gpu_offload": offload,
+                "devices": {"cpu": None, "cuda": cuda,
+                            "gpu": "llama.cpp bundles run on cpu or cuda here", "npu": "not supported by llama.cpp"},
+                "warning": amx_risk()}
+
+    def __init__(self, files: dict, device: str, options: dict):
+        try:
+            import llama_cpp
+        except ImportError as e:
+            raise BackendUnavailableError("llama-cpp-python is not installed", INSTALL) from e
+        reason = self.probe()["devices"].get(device, f"unknown device {device}")
+        if reason:
+            raise BackendUnavailableError(f"llama.cpp cannot use device '{device}': {reason}")
+        self.device = device
+        self.n_gpu_layers = -1 if device == "cuda" else 0
+        self.threads = options.get("threads") or max(1, len(os.sched_getaffinity(0)))
+        self.llm = llama_cpp.Llama(model_path=str(files["model"]), n_ctx=options.get("n_ctx") or 0,
+                                   n_threads=self.threads, n_gpu_layers=self.n_gpu_layers,
+                                   logits_all=bool(options.get("logits_all")), verbose=False)
+        self.max_batch = None
+
+    def describe(self) -> dict:
+        import llama_cpp
+        return {"backend": "llama.cpp", "version": llama_cpp.__version__, "device": self.device,
+                "n_gpu_layers": self.n_gpu_layers, "threads": self.threads, "n_ctx": self.llm.n_ctx(),
+                "gpu_offload_in_build": bool(llama_cpp.llama_supports_gpu_offload())}
+
+
+BACKEND = LlamaCppBackend
