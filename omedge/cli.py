@@ -36,12 +36,13 @@ def _table(title, columns, rows):
 
 def cmd_models(args):
     from .models import all_specs
-    specs = all_specs()
+    from .models.pulse import SUMMARIES
+    models = [s.summary() for s in all_specs().values()] + SUMMARIES
     if args.json:
-        print(json.dumps([s.summary() for s in specs.values()], indent=2))
+        print(json.dumps(models, indent=2))
         return 0
     out.print(_table("omedge models", ["id", "task", "variants", "licence", "title"],
-                     [(s.id, s.task, ", ".join(s.variants), s.licence, s.title) for s in specs.values()]))
+                     [(m["id"], m["task"], ", ".join(m["variants"]), m["licence"], m["title"]) for m in models]))
     return 0
 
 
@@ -71,18 +72,61 @@ def cmd_devices(args):
         for dev, reason in p["devices"].items():
             rows.append((name, p["version"], "yes" if reason is None else "no", reason or ""))
     out.print(_table("backends x devices", ["backend", "version", "can run", "why not / what to install"], rows))
+    for name, p in inv["backends"].items():
+        if p.get("warning"):
+            out.print(f"[bold yellow]warning[/bold yellow] ({name}): {p['warning']}")
     return 0
 
 
 def _precision(args) -> str:
     chosen = [p for p, flag in (("fp16", args.fp16), ("bf16", args.bf16), ("int8", args.int8),
-                                ("int8-dynamic", args.int8_dynamic)) if flag]
+                                ("int8-dynamic", args.int8_dynamic), ("int4", args.int4)) if flag]
     if len(chosen) > 1:
         raise UsageError(f"choose one precision, got {', '.join(chosen)}")
     return chosen[0] if chosen else "fp32"
 
 
+LLM_QUANT = {"fp32": "F16", "fp16": "F16", "int8": "Q8_0", "int4": "Q4_K_M"}
+
+
+def cmd_export_llm(args):
+    from .exporters.llm import export_llm
+    precision = _precision(args)
+    if args.quant and precision != "fp32":
+        raise UsageError("give either --quant or one of --int4/--int8/--fp16")
+    if precision not in LLM_QUANT:
+        raise UsageError(f"--{precision} does not apply to GGUF", "use --int4 (Q4_K_M), --int8 (Q8_0), --fp16 "
+                         "or --quant Q4_0|Q5_K_M|Q6_K|Q8_0")
+    quant = args.quant or LLM_QUANT[precision]
+    with console.status("exporting") as status, _library_output_to_stderr():
+        def log(msg):
+            status.update(msg)
+            console.log(msg)
+        path = export_llm(args.model, args.weights, out=args.output, quant=quant, keep_f16=args.keep_f16,
+                          overwrite=args.overwrite, force=args.force, threads=args.threads, log=log)
+    from .bundle import read_manifest
+    m = read_manifest(path)
+    art = m["artifacts"][0]
+    if args.json:
+        print(json.dumps({"bundle": str(path), "artifacts": m["artifacts"]}, indent=2))
+        return 0
+    par = art["parity"]
+    rows = [(k, f"{v['argmax_agreement']:.4f}", v["positions"], f"{v['logit_max_abs']:.3g}")
+            for k, v in par.items() if k.startswith("vs_")]
+    out.print(_table(f"{path} ({art['precision']}, {m['files'][art['entry']]['bytes'] / 1e6:.1f} MB) - "
+                     f"gate: {par['gate']['metric']} >= {par['gate']['min']}",
+                     ["reference", "argmax agreement", "positions", "max abs logit error"], rows))
+    tok = par["tokenizer"]
+    out.print(f"tokenizer round trip: {tok['exact']}/{tok['texts']} texts identical to transformers")
+    return 0
+
+
 def cmd_export(args):
+    from .models.pulse import LLM_IDS
+    if args.model in LLM_IDS:
+        return cmd_export_llm(args)
+    if args.int4 or args.quant or args.keep_f16:
+        raise UsageError("--int4 / --quant / --keep-f16 are for GGUF (PULSE) exports")
     from .exporters import export
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     with console.status("exporting") as status, _library_output_to_stderr():
@@ -113,9 +157,23 @@ def cmd_export(args):
     return 0
 
 
+def cmd_predict_llm(p, args):
+    results = []
+    for prompt in args.inputs:
+        results.append({"prompt": prompt, "answer": p.generate(prompt, max_tokens=args.max_tokens, mode=args.mode)})
+    if args.json:
+        print(json.dumps({"runtime": p.describe(), "results": results}, ensure_ascii=False, indent=2))
+    else:
+        for r in results:
+            out.print(f"[bold]{r['prompt']}[/bold]\n{r['answer']}\n")
+    return 0
+
+
 def cmd_predict(args):
     from .runtime import load
     p = load(args.bundle, device=args.device, backend=args.backend, threads=args.threads)
+    if hasattr(p, "generate"):
+        return cmd_predict_llm(p, args)
     outputs = p.predict(args.inputs, batch_size=args.batch_size, return_dict=True)
     results = []
     for i, name in enumerate(args.inputs):
@@ -150,10 +208,15 @@ def cmd_verify(args):
         print(json.dumps(report, indent=2, default=str))
     else:
         out.print(f"hashes: {report['hashes']} ({report['files']} files)")
-        rows = [(r["artifact"], r["backend"], r["device"], r.get("inference_precision", "-"),
-                 r.get("cosine_min", "-"), r.get("top1_agreement", "-"), r["result"]) for r in report["runs"]]
-        out.print(_table("parity on this machine vs stored torch fp32 reference",
-                         ["artifact", "backend", "device", "exec precision", "cosine min", "top-1", "result"], rows))
+        if report["runs"] and "argmax_agreement" in report["runs"][0]:
+            rows = [(r["artifact"], r["backend"], r["device"], f"{r['argmax_agreement']:.4f}", r["gate"],
+                     f"{r['top8_logit_max_abs']:.3g}", r["result"]) for r in report["runs"]]
+            cols = ["artifact", "backend", "device", "argmax agreement", "gate", "top-8 logit max abs", "result"]
+        else:
+            rows = [(r["artifact"], r["backend"], r["device"], r.get("inference_precision", "-"),
+                     r.get("cosine_min", "-"), r.get("top1_agreement", "-"), r["result"]) for r in report["runs"]]
+            cols = ["artifact", "backend", "device", "exec precision", "cosine min", "top-1", "result"]
+        out.print(_table("parity on this machine vs the stored reference", cols, rows))
         for s in report["skipped"]:
             console.print(f"[dim]skipped: {s}[/dim]")
     return 0 if report["passed"] else 5
@@ -180,6 +243,46 @@ def cmd_bench(args):
         return 0
     out.print(bench_table(rows, args.batch))
     return 0
+
+
+def cmd_chat(args):
+    """Interactive chat: tokens stream as they come; Ctrl-C stops an answer, Ctrl-C or
+    Ctrl-D at the prompt leaves; history is trimmed to the context window."""
+    from .runtime import load
+    p = load(args.bundle, device=args.device, threads=args.threads)
+    if not hasattr(p, "chat"):
+        raise UsageError(f"{args.bundle} is not an LLM bundle", "chat works with `omedge export pulse` bundles")
+    info = p.describe()
+    console.print(f"{info['model']} ({info['precision']}) on llama.cpp/{info['device']}, context {info['n_ctx']} "
+                  "tokens. Ctrl-C stops an answer; Ctrl-D or Ctrl-C here quits.")
+    history = []
+    while True:
+        try:
+            question = input("User: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not question:
+            continue
+        if question in ("/clear", "/reset"):
+            history = []
+            continue
+        history.append({"role": "user", "content": question})
+        answer = ""
+        print("Helper: ", end="", flush=True)
+        try:
+            for piece in p.chat(history, max_tokens=args.max_tokens, stream=True, mode=args.mode):
+                answer += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        except OmedgeError as e:
+            history.pop()
+            print()
+            console.print(f"[bold red]error:[/bold red] {e.message}")
+            continue
+        print()
+        history.append({"role": "assistant", "content": answer.strip()})
 
 
 def bench_table(rows, batch):
@@ -232,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     prec.add_argument("--bf16", action="store_true", help="OpenVINO bf16 execution")
     prec.add_argument("--int8", action="store_true", help="static INT8; needs --calib")
     prec.add_argument("--int8-dynamic", action="store_true", help="INT8 weights, no calibration")
+    prec.add_argument("--int4", action="store_true", help="GGUF Q4_K_M (PULSE)")
+    s.add_argument("--quant", help="GGUF type for PULSE: Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0, F16")
+    s.add_argument("--keep-f16", action="store_true", help="keep the F16 GGUF intermediate in the bundle")
+    s.add_argument("--threads", type=int)
     s.add_argument("--calib", help="folder of calibration images, or 'synthetic'")
     s.add_argument("--calib-size", type=int, default=64)
     s.add_argument("--verify-data", help="folder of images for the parity check")
@@ -250,8 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
     s.add_argument("--threads", type=int)
     s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-tokens", type=int, default=256, help="LLM bundles: answer length limit")
+    s.add_argument("--mode", choices=["qa", "consultation"], help="LLM bundles: PULSE's question prefix")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("chat", help="interactive chat with an LLM bundle (streaming)")
+    s.add_argument("bundle")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--threads", type=int)
+    s.add_argument("--max-tokens", type=int, default=512)
+    s.add_argument("--mode", choices=["qa", "consultation"])
+    s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("bench", help="backend x precision table (bundle, or model id to export and compare)")
     s.add_argument("target", help="a bundle folder or a model id")

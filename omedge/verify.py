@@ -16,6 +16,8 @@ def verify(bundle, device: str = "cpu") -> dict:
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)
+    if manifest["model"]["task"] == "text-generation":
+        return verify_llm(bundle, manifest, device)
     stored = np.load(bundle / manifest["verification"]["file"])
     inputs = stored["inputs"].astype(np.float32)
     reference = {k[4:]: stored[k] for k in stored.files if k.startswith("ref_")}
@@ -35,3 +37,29 @@ def verify(bundle, device: str = "cpu") -> dict:
     passed = bool(runs) and all(r["result"] == "pass" for r in runs)
     return {"bundle": str(bundle), "hashes": "ok", "files": len(manifest["files"]), "runs": runs,
             "skipped": skipped, "passed": passed}
+
+
+def verify_llm(bundle: Path, manifest: dict, device: str) -> dict:
+    """Re-run the stored prompt ids through llama.cpp; compare the argmax and the
+    reference's top-8 logits stored at export."""
+    from .runtime.llm import LLMPredictor
+    stored = np.load(bundle / manifest["verification"]["file"])
+    ids, offsets = stored["ids"], stored["offsets"]
+    p = LLMPredictor(bundle, device=device, n_ctx=int(np.diff(offsets).max()) + 8, logits_all=True)
+    agree, errs = [], []
+    for i in range(len(offsets) - 1):
+        seq = ids[offsets[i]:offsets[i + 1]].tolist()
+        p.llm.reset()
+        p.llm.eval(seq)
+        logits = np.array(p.llm.scores[:len(seq)], dtype=np.float32)
+        top_ids = stored["top_ids"][offsets[i]:offsets[i + 1]]
+        agree.append(logits.argmax(-1) == top_ids[:, 0])
+        errs.append(np.abs(np.take_along_axis(logits, top_ids, -1) - stored["top_logits"][offsets[i]:offsets[i + 1]]))
+    art = p.artifact
+    gate = art["parity"]["gate"]["min"]
+    agreement = float(np.concatenate(agree).mean())
+    row = {"artifact": art["name"], "backend": "llama.cpp", "device": p.backend.device,
+           "argmax_agreement": agreement, "top8_logit_max_abs": float(np.concatenate(errs).max()),
+           "gate": gate, "result": "pass" if agreement >= gate else f"FAIL: argmax agreement {agreement:.4f} < {gate}"}
+    return {"bundle": str(bundle), "hashes": "ok", "files": len(manifest["files"]), "runs": [row],
+            "skipped": p.skipped, "passed": row["result"] == "pass"}

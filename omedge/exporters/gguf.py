@@ -62,10 +62,15 @@ def hparams(folder: HFFolder) -> dict:
                 "ffn": 4 * h, "vocab": c["vocab_size"], "ctx": c.get("seq_length", 2048),
                 "eps": c.get("layer_norm_epsilon", 1e-5)}
     n_head = c["num_attention_heads"]
+    rope = c.get("rope_parameters") or {}  # transformers >= 5 nests rope settings here
+    scaling = c.get("rope_scaling") or ({} if rope.get("rope_type", "default") == "default" else rope)
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise CheckpointError(f"{folder.path.name} uses RoPE scaling {scaling}, which this converter does not map",
+                              "PULSE-20bv5 has none; check that this is the official folder")
     return {"n_layer": c["num_hidden_layers"], "n_head": n_head, "n_kv_head": c.get("num_key_value_heads", n_head),
             "hidden": c["hidden_size"], "ffn": c["intermediate_size"], "vocab": c["vocab_size"],
             "ctx": c.get("max_position_embeddings", 2048), "eps": c.get("rms_norm_eps", 1e-6),
-            "rope_theta": c.get("rope_theta", 10000.0)}
+            "rope_theta": c.get("rope_theta", rope.get("rope_theta", 10000.0))}
 
 
 def tensor_plan(folder: HFFolder) -> Iterator[tuple]:
@@ -80,7 +85,8 @@ def tensor_plan(folder: HFFolder) -> Iterator[tuple]:
         for hf_name in sorted(shapes):
             if hf_name.endswith("rotary_emb.inv_freq") or (folder.arch == "bloom" and hf_name.endswith("lm_head.weight")):
                 continue  # recomputed by llama.cpp / tied to the token embedding
-            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            key = hf_name.removeprefix("transformer.") if folder.arch == "bloom" else hf_name
+            name = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise CheckpointError(f"{shard.name}: tensor '{hf_name}' has no GGUF equivalent",
                                       "this is not a plain BLOOM / Llama checkpoint")

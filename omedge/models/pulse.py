@@ -15,6 +15,13 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 
+SUMMARIES = [
+    {"id": "pulse-7b", "title": "PULSE-7bv5 medical LLM (BLOOM 7.1 B) -> GGUF", "task": "text-generation",
+     "variants": ["7b"], "licence": "AGPL-3.0 + BigScience RAIL"},
+    {"id": "pulse-20b", "title": "PULSE-20bv5 medical LLM (InternLM-20B, Llama format) -> GGUF",
+     "task": "text-generation", "variants": ["20b"], "licence": "AGPL-3.0 + InternLM licence"},
+]
+LLM_IDS = ("pulse", "pulse-7b", "pulse-20b")
 ARCHITECTURES = {"BloomForCausalLM": ("pulse-7b", "bloom"), "LlamaForCausalLM": ("pulse-20b", "llama")}
 LICENCE = "AGPL-3.0 (PULSE weights); base model terms also apply: BigScience RAIL (pulse-7b, bloomz-7b1-mt) / " \
           "InternLM licence (pulse-20b, InternLM-20B)"

@@ -8,5 +8,9 @@ def load(bundle, device: str = "auto", backend: str = "auto", threads: int | Non
 
     mode: "latency" answers one request as fast as possible; "throughput" keeps
     several requests in flight (OpenVINO streams) for tile batches and streams."""
+    from ..bundle import read_manifest
+    if read_manifest(bundle)["model"]["task"] == "text-generation":
+        from .llm import LLMPredictor  # GGUF on llama.cpp
+        return LLMPredictor(bundle, device=device, threads=threads)
     from .predictor import Predictor
     return Predictor(bundle, device=device, backend=backend, threads=threads, artifact=artifact, mode=mode)
