@@ -169,11 +169,38 @@ def cmd_predict_llm(p, args):
     return 0
 
 
+def cmd_predict_stream(p, args):
+    """Video files / frame folders: one result per clip window (or frame), with times."""
+    report = []
+    for src in args.inputs:
+        windows = []
+        for r in p.stream(src, stride=args.stride):
+            w = {k: v for k, v in r.items() if k != "outputs"}
+            w.update({k: v.tolist() for k, v in r["outputs"].items()})
+            windows.append(w)
+        report.append({"input": src, "windows": windows, "stats": p.last_stream_stats})
+    if args.json:
+        print(json.dumps({"runtime": p.describe(), "results": report}, indent=None))
+        return 0
+    for item in report:
+        rows = [(w["index"], f"{w['t_start']:.2f}-{w['t_end']:.2f}", w.get("label", "-"),
+                 f"{w['probability']:.3f}" if "probability" in w else "-", f"{w['latency_ms']:.0f}")
+                for w in item["windows"]]
+        out.print(_table(f"{item['input']}: {item['stats']['results']} results, {item['stats']['dropped']} dropped, "
+                         f"{item['stats']['corrupt']} corrupt frames", ["window", "time s", "label", "probability",
+                                                                       "latency ms"], rows))
+    return 0
+
+
 def cmd_predict(args):
+    from .io.video import VIDEO_SUFFIXES
     from .runtime import load
     p = load(args.bundle, device=args.device, backend=args.backend, threads=args.threads)
     if hasattr(p, "generate"):
         return cmd_predict_llm(p, args)
+    if p.manifest["preprocess"].get("kind") == "video" or any(
+            Path(i).suffix.lower() in VIDEO_SUFFIXES or Path(i).is_dir() for i in args.inputs):
+        return cmd_predict_stream(p, args)
     outputs = p.predict(args.inputs, batch_size=args.batch_size, return_dict=True)
     results = []
     for i, name in enumerate(args.inputs):
@@ -357,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
     s.add_argument("--threads", type=int)
     s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--stride", type=int, help="videos: a result every N sampled frames (default: one clip)")
     s.add_argument("--max-tokens", type=int, default=256, help="LLM bundles: answer length limit")
     s.add_argument("--mode", choices=["qa", "consultation"], help="LLM bundles: PULSE's question prefix")
     s.add_argument("--json", action="store_true")

@@ -1,5 +1,4 @@
 """Checkpoint loading: official layouts load strictly; wrong files fail clearly."""
-import pickle
 
 import pytest
 import torch

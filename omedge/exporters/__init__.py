@@ -14,14 +14,12 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..bundle import SCHEMA_VERSION, BundleWriter, now_iso
+from ..bundle import SCHEMA_VERSION, BundleWriter, now_iso, sha256
 from ..errors import ParityError, UsageError
 from ..models import build, get_spec, load
-from ..models.checkpoint import sha256_file
 from ..parity import compare, gates_for
-from ..quantize.calibration import folder_inputs, split_holdout, synthetic_images
+from ..quantize.calibration import folder_inputs, split_holdout, synthetic_inputs
 from ..runtime.backend import backend_class
-from ..runtime.preprocess import preprocess_one
 from .onnx import export_onnx
 
 FORMATS = ("onnx", "openvino")
@@ -74,7 +72,7 @@ def export(model_id: str, weights: str | Path | None = None, *, out: str | Path 
     if weights is not None:
         log(f"loading {Path(weights).name}")
         model, variant, options = load(spec, weights, variant, trust=trust_checkpoint)
-        weights_info = {"source": "checkpoint", "file": Path(weights).name, "sha256": sha256_file(Path(weights))}
+        weights_info = {"source": "checkpoint", "file": Path(weights).name, "sha256": sha256(Path(weights))}
     else:
         variant = variant or spec.default_variant
         options = dict(spec.default_options)
@@ -98,7 +96,7 @@ def export(model_id: str, weights: str | Path | None = None, *, out: str | Path 
         verify_parts.append(held)
         verify_info["held_out_calibration_images"] = [Path(n).name for n in held_names]
     elif calib is not None:
-        calib_x = np.stack([preprocess_one(im, pre) for im in synthetic_images(calib_size, seed + 1)])
+        calib_x = synthetic_inputs(calib_size, seed + 1, pre)
         calib_info = {"source": "synthetic", "samples": len(calib_x),
                       "warning": "calibrated on synthetic images at the user's request"}
     if verify_data is not None:
@@ -107,8 +105,7 @@ def export(model_id: str, weights: str | Path | None = None, *, out: str | Path 
         verify_info["verify_data"] = [Path(n).name for n in names]
     n_have = sum(len(p) for p in verify_parts)
     if n_have < 4:
-        synth = synthetic_images(max(4, verify_size) - n_have, seed + 2)
-        verify_parts.append(np.stack([preprocess_one(im, pre) for im in synth]))
+        verify_parts.append(synthetic_inputs(max(4, verify_size) - n_have, seed + 2, pre))
         verify_info["synthetic"] = max(4, verify_size) - n_have
     # Stored as float16 in the bundle: round first so the reference sees the same input.
     verify_x = np.concatenate(verify_parts).astype(np.float16).astype(np.float32)
@@ -149,7 +146,7 @@ def export(model_id: str, weights: str | Path | None = None, *, out: str | Path 
                       "parameters": int(n_params), "notes": spec.notes},
             "weights": weights_info,
             "input": {"name": spec.input_name, "shape": list(spec.input_shape), "dtype": "float32",
-                      "layout": "NCHW"},
+                      "layout": "NCTHW" if len(spec.input_shape) == 5 else "NCHW"},
             "outputs": [{"name": k, "shape": [None, *v.shape[1:]]} for k, v in reference.items()],
             "primary_output": "logits" if task == "classification" else "embedding",
             "labels": (labels or spec.labels) if task == "classification" else None,

@@ -58,7 +58,6 @@ def reference_tokens(folder) -> list[list[int]]:
 
 
 def _hf_model(folder, dtype):
-    import torch
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(folder.path, local_files_only=True, dtype=dtype).eval()
 
@@ -83,14 +82,12 @@ def dequantized_model(folder, gguf_path: Path, tensor_map, dtype):
     model = _hf_model(folder, dtype)
     by_gguf = {g: (hf, tr) for hf, g, tr in tensor_map}
     state = model.state_dict()
-    replaced = set()
     for t in gguf.GGUFReader(gguf_path).tensors:
         hf, tr = by_gguf[t.name]
         arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
         arr = gguf_convert.undo(arr, tuple(tr) if tr else None)
         key = hf if hf in state else next(k for k in state if k.endswith(hf) or hf.endswith(k))
         state[key].copy_(torch.from_numpy(np.array(arr, dtype=np.float32)).to(state[key].dtype))
-        replaced.add(key)
     return model
 
 
@@ -116,22 +113,23 @@ def compare_logits(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
             "ref_logit_max_abs": float(max(np.abs(r).max() for r in ref))}
 
 
+def _differences(tok, llm, texts) -> list[dict]:
+    out = []
+    for text in texts:
+        ref = tok(text, add_special_tokens=False)["input_ids"]
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        back = llm.detokenize(ids).decode("utf-8", errors="replace")
+        if ids != ref or back.strip() != text.strip():
+            out.append({"text": text, "transformers": ref[:20], "llama.cpp": ids[:20], "decoded": back})
+    return out
+
+
 def tokenizer_round_trip(folder, gguf_path: Path) -> dict:
     import llama_cpp
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(folder.path, local_files_only=True)
     llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
-    def differences(texts):
-        out = []
-        for text in texts:
-            ref = tok(text, add_special_tokens=False)["input_ids"]
-            ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-            back = llm.detokenize(ids).decode("utf-8", errors="replace")
-            if ids != ref or back.strip() != text.strip():
-                out.append({"text": text, "transformers": ref[:20], "llama.cpp": ids[:20], "decoded": back})
-        return out
-    mismatches, edge = differences(ROUND_TRIP_TEXTS), differences(EDGE_TEXTS)
-    del llm
+    mismatches, edge = _differences(tok, llm, ROUND_TRIP_TEXTS), _differences(tok, llm, EDGE_TEXTS)
     return {"texts": len(ROUND_TRIP_TEXTS), "exact": len(ROUND_TRIP_TEXTS) - len(mismatches),
             "mismatches": mismatches, "passed": not mismatches, "edge_cases_differing": edge}
 

@@ -8,7 +8,6 @@ Anything else needs the user's explicit `--trust-checkpoint`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import pickle
 import re
 import warnings
@@ -33,14 +32,6 @@ def _safe_globals():
             continue
     allowed += [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
     return allowed
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_checkpoint(path: str | Path, trust: bool = False):

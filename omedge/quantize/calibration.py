@@ -5,7 +5,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.images import list_images
-from ..runtime.preprocess import preprocess_one
+from ..runtime.preprocess import clip_from_frames, preprocess_frame, preprocess_one
 
 
 def synthetic_images(n: int, seed: int, size: int = 256) -> list[np.ndarray]:
@@ -17,7 +17,48 @@ def synthetic_images(n: int, seed: int, size: int = 256) -> list[np.ndarray]:
                        .resize((size, size), Image.BICUBIC)) for _ in range(n)]
 
 
+def synthetic_inputs(n: int, seed: int, pre: dict) -> np.ndarray:
+    """n preprocessed synthetic inputs: images, or clips of distinct frames."""
+    if pre.get("kind") != "video":
+        return np.stack([preprocess_one(im, pre) for im in synthetic_images(n, seed)])
+    frames = synthetic_images(n * pre["frames"], seed, size=256)
+    return np.stack([clip_from_frames([preprocess_frame(f, pre) for f in frames[i::n]], pre["frames"])
+                     for i in range(n)])
+
+
+def video_clips(folder, pre: dict, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """Clips for calibration / verification: the first clip of each video in `folder`
+    (and of each sub-folder of frames), sampled at the model's rate."""
+    from pathlib import Path
+
+    from ..io.video import VIDEO_SUFFIXES
+    from ..runtime.stream import TimeSampler
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"clip folder not found: {folder}")
+    sources = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES or p.is_dir())
+    if not sources:
+        raise InputError(f"no videos or frame folders in {folder}", f"expected {', '.join(sorted(VIDEO_SUFFIXES))}")
+    from ..io.video import iter_frames
+    clips, names = [], []
+    for src in sources[:limit] if limit else sources:
+        sampler, frames = TimeSampler(pre["sample_rate"] / pre["fps"]), []
+        try:
+            for t, frame in iter_frames(src):
+                if sampler.take(t):
+                    frames.append(preprocess_frame(frame, pre))
+                if len(frames) == pre["frames"]:
+                    break
+        except InputError as e:
+            raise InputError(f"calibration clip {src} cannot be used: {e.message}", e.hint) from e
+        clips.append(clip_from_frames(frames, pre["frames"]))
+        names.append(str(src))
+    return np.stack(clips), names
+
+
 def folder_inputs(folder, preprocess_spec: dict, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
+    if preprocess_spec.get("kind") == "video":
+        return video_clips(folder, preprocess_spec, limit)
     files = list_images(folder)
     if limit:
         step = max(1, len(files) // limit)  # spread over the folder, deterministic

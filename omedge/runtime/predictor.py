@@ -8,7 +8,7 @@ import numpy as np
 from ..bundle import read_manifest, verify_files
 from ..errors import BackendUnavailableError, InputError, OmedgeError
 from .backend import backend_class
-from .preprocess import preprocess
+from .preprocess import as_items, clip_from_frames, preprocess, preprocess_frame
 
 DEVICES = ("auto", "cpu", "cuda", "gpu", "npu")
 BACKENDS = ("auto", "onnxruntime", "openvino")
@@ -63,13 +63,32 @@ class Predictor:
     def predict(self, images, batch_size: int = 8, return_dict: bool = False):
         """Images (paths, PIL images, HWC arrays, or a list / NHWC batch of them) ->
         the primary output, one row per image (a dict of all outputs with return_dict)."""
-        outputs = self.run(preprocess(images, self.manifest["preprocess"]), batch_size)
+        outputs = self.run(self.prepare(images), batch_size)
         if return_dict:
             if "logits" in outputs and self.labels:
                 outputs["probabilities"] = _softmax(outputs["logits"])
                 outputs["labels"] = [self.labels[i] for i in outputs["logits"].argmax(-1)]
             return outputs
         return outputs[self.manifest["primary_output"]]
+
+    def prepare(self, inputs) -> np.ndarray:
+        """Images -> NCHW; for clip models, clips (T frames each: a THWC array or a list
+        of frames) -> NCTHW."""
+        pre = self.manifest["preprocess"]
+        if pre.get("kind") != "video":
+            return preprocess(inputs, pre)
+        clips = [inputs] if isinstance(inputs, np.ndarray) and inputs.ndim == 4 else as_items(inputs)
+        if clips and isinstance(clips[0], np.ndarray) and clips[0].ndim == 3:
+            clips = [clips]  # one clip given as a list of frames
+        return np.stack([clip_from_frames([preprocess_frame(f, pre) for f in clip], pre["frames"])
+                         for clip in clips])
+
+    def stream(self, source, stride: int | None = None, fps: float | None = None, queue_size: int = 8,
+               drop: str | None = None):
+        """Timestamped results for a video file, a folder of frames or a live iterator
+        of frames; see omedge.runtime.stream. Counters: `last_stream_stats`."""
+        from .stream import stream
+        return stream(self, source, stride=stride, fps=fps, queue_size=queue_size, drop=drop)
 
     def describe(self) -> dict:
         """What really runs: read back from the backend session, not assumed."""

@@ -107,3 +107,23 @@ def preprocess(images, spec: dict) -> np.ndarray:
     if not items:
         raise InputError("no images given")
     return np.stack([preprocess_one(item, spec) for item in items])
+
+
+def preprocess_frame(frame, spec: dict) -> np.ndarray:
+    """One video frame -> CHW float32: short side to spec["short_side"], centre crop,
+    mean/std. Grayscale and RGBA frames are converted like still images."""
+    img = read_image(frame, spec.get("grayscale", "replicate"))
+    img = resize_short_side(img, spec["short_side"], spec.get("interpolation", "bilinear"))
+    img = center_crop(img, spec["center_crop"], describe_source(frame))
+    x = img.astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0)
+    x = (x - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def clip_from_frames(frames: list[np.ndarray], n: int) -> np.ndarray:
+    """Stack preprocessed CHW frames into C,T,H,W. A clip shorter than `n` repeats its
+    last frame, as the official loaders clamp frame indices to the video's length."""
+    if not frames:
+        raise InputError("no frames to make a clip from")
+    frames = list(frames) + [frames[-1]] * (n - len(frames))
+    return np.stack(frames[:n], axis=1)
