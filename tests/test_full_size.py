@@ -53,3 +53,27 @@ def test_deblurring_mae_vit_b_training_dict_fp32(tmp_path):
     assert m["model"]["variant"] == "B"
     for art in m["artifacts"]:
         assert art["parity"]["passed"] and art["parity"]["outputs"]["embedding"]["cosine_min"] >= 0.9999
+
+
+def test_endo_fm_timesformer_b_dino_dict_fp32(tmp_path):
+    import argparse
+    sd = official_state_dict("endo-fm", "B")
+    teacher = {f"backbone.{k}": v for k, v in sd.items()}
+    teacher["head.last_layer.weight_g"] = torch.ones(65536, 1)
+    ckpt = tmp_path / "endo_fm.pth"
+    torch.save({"teacher": teacher, "student": {}, "epoch": 30, "args": argparse.Namespace(arch="vit_base"),
+                "dino_loss": {"center": torch.zeros(1, 65536)}}, ckpt)
+    b = omedge.export("endo-fm", ckpt, formats=["onnx"], verify_size=4, out=tmp_path / "endo")
+    m = read_manifest(b)
+    assert m["model"]["variant"] == "B" and abs(m["model"]["parameters"] - 121.3e6) / 121.3e6 < 0.01
+    assert m["artifacts"][0]["parity"]["outputs"]["embedding"]["cosine_min"] >= 0.9999
+
+
+def test_convmae_b_classifier_openvino_int8(tmp_path, calib):
+    ckpt = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": official_state_dict("deblurring-convmae", "B", num_classes=2)}, ckpt)
+    b = omedge.export("deblurring-convmae", ckpt, formats=["openvino"], precision="int8", calib=calib,
+                      out=tmp_path / "cm")
+    m = read_manifest(b)
+    assert m["model"]["variant"] == "B" and abs(m["model"]["parameters"] - 84.6e6) / 84.6e6 < 0.01
+    assert m["artifacts"][0]["parity"]["passed"] and _bundle_mb(b) <= 100

@@ -39,14 +39,16 @@ class TimeSampler:
     """Keep one frame per `interval` seconds of source time (the official rate of 32
     frames at 30 fps is one frame every 1.067 s, whatever the file's own rate)."""
 
+    TOLERANCE = 0.005  # seconds: containers round timestamps (often to 1 ms)
+
     def __init__(self, interval: float):
         self.interval, self.next_t = interval, None
 
     def take(self, t: float) -> bool:
-        if self.next_t is not None and t + 1e-6 < self.next_t:
+        if self.next_t is not None and t + self.TOLERANCE < self.next_t:
             return False
         self.next_t = (t if self.next_t is None else self.next_t) + self.interval
-        while self.next_t <= t:  # a gap in the stream: do not emit a burst
+        while self.next_t <= t + self.TOLERANCE:  # a gap in the stream: do not emit a burst
             self.next_t += self.interval
         return True
 

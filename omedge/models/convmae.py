@@ -1,0 +1,145 @@
+"""DeblurringMIM ConvMAE-B (openmedlab/DeblurringMIM, `ConvViT` from Alpha-VL/ConvMAE):
+thyroid-ultrasound encoder with two convolutional stages before a ViT stage.
+
+stage 1: conv 4x4/4 -> 56x56x256, conv blocks | stage 2: conv 2x2/2 -> 28x28x384, conv
+blocks | stage 3: conv 2x2/2 -> 14x14x768, Linear (`patch_embed4`), + pos_embed (no
+CLS), ViT blocks. Classifier (fine-tuned file, `fc_norm` + `head`): fc_norm(mean of all
+196 tokens) -> head, as `models_convvit.ConvViT(global_pool=True)`. Encoder only
+(pretraining file, `norm`): mean of norm(x) tokens, as `vision_transformer.ConvViT`.
+
+The pretraining encoder also adds the `stage{1,2}_output_decode` projections of the
+conv stages to the ViT output before `norm`, to feed the MAE decoder; the fine-tuning
+and segmentation code never use them, so they are dropped with the decoder.
+"""
+from torch import nn
+
+from ..errors import CheckpointError
+from .checkpoint import drop, strip_prefix, unwrap
+from .deblurring import SPECS as MAE_SPECS
+from .spec import ModelSpec
+from .vit import Block, _init_weights, sincos_pos_embed
+
+
+def channel_norm(norm: nn.LayerNorm, x):
+    """LayerNorm over the channels of an NCHW map (the official permute, not GroupNorm)."""
+    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvPatchEmbed(nn.Module):
+    """Strided conv -> channel LayerNorm -> GELU. The official `nn.LayerNorm(embed_dim)`
+    ignores the model's eps=1e-6 norm_layer, so it keeps torch's default 1e-5."""
+
+    def __init__(self, in_chans: int, dim: int, patch: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
+        self.norm = nn.LayerNorm(dim)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(channel_norm(self.norm, self.proj(x)))
+
+
+class ConvMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ConvBlock(nn.Module):
+    """ConvMAE `CBlock`: a 5x5 depthwise conv between two 1x1 convs stands in for
+    attention. Its norms are also plain `nn.LayerNorm(dim)` (eps 1e-5)."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.conv1 = nn.Conv2d(dim, dim, 1)
+        self.attn = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.conv2 = nn.Conv2d(dim, dim, 1)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.conv2(self.attn(self.conv1(channel_norm(self.norm1, x))))
+        return x + self.mlp(channel_norm(self.norm2, x))
+
+
+class ConvViT(nn.Module):
+    def __init__(self, dims=(256, 384, 768), depths=(2, 2, 11), heads=12, mlp_ratio=4.0, img_size=224,
+                 eps=1e-6, num_classes=0):
+        super().__init__()
+        self.patch_embed1 = ConvPatchEmbed(3, dims[0], 4)
+        self.patch_embed2 = ConvPatchEmbed(dims[0], dims[1], 2)
+        self.patch_embed3 = ConvPatchEmbed(dims[1], dims[2], 2)
+        self.patch_embed4 = nn.Linear(dims[2], dims[2])
+        # Fixed sin-cos in pretraining, learned in fine-tuning; stored in both files.
+        self.pos_embed = nn.Parameter(sincos_pos_embed(dims[2], img_size // 16, zero_rows=0))
+        self.blocks1 = nn.ModuleList([ConvBlock(dims[0], mlp_ratio) for _ in range(depths[0])])
+        self.blocks2 = nn.ModuleList([ConvBlock(dims[1], mlp_ratio) for _ in range(depths[1])])
+        self.blocks3 = nn.ModuleList([Block(dims[2], heads, mlp_ratio, eps) for _ in range(depths[2])])
+        if num_classes:
+            self.fc_norm = nn.LayerNorm(dims[2], eps=eps)
+        else:
+            self.norm = nn.LayerNorm(dims[2], eps=eps)
+        self.head = nn.Linear(dims[2], num_classes) if num_classes else None
+        self.apply(_init_weights)
+
+    def features(self, x):
+        x = self.patch_embed1(x)
+        for block in self.blocks1:
+            x = block(x)
+        x = self.patch_embed2(x)
+        for block in self.blocks2:
+            x = block(x)
+        x = self.patch_embed3(x).flatten(2).transpose(1, 2)
+        x = self.patch_embed4(x) + self.pos_embed
+        for block in self.blocks3:
+            x = block(x)
+        if self.head is not None:
+            return self.fc_norm(x.mean(dim=1))
+        return self.norm(x).mean(dim=1)
+
+    def forward(self, x):
+        feats = self.features(x)
+        if self.head is None:
+            return {"embedding": feats}
+        return {"embedding": feats, "logits": self.head(feats)}
+
+
+CONVVIT_SIZES = {
+    "B": dict(dims=(256, 384, 768), depths=(2, 2, 11), heads=12),
+    "tiny": dict(dims=(32, 48, 64), depths=(1, 1, 2), heads=2),
+}
+
+
+def build(variant: str, num_classes: int = 0):
+    return ConvViT(**CONVVIT_SIZES[variant], num_classes=num_classes)
+
+
+def remap(raw):
+    sd = strip_prefix(unwrap(raw), "module.")
+    if "patch_embed4.weight" not in sd:
+        raise CheckpointError("checkpoint has no patch_embed4: not a ConvMAE / ConvViT encoder")
+    sd = drop(sd, r"decoder_", r"mask_token$", r"stage[12]_output_decode\.")
+    if "head.weight" in sd and "fc_norm.weight" in sd:
+        return sd, {"num_classes": int(sd["head.weight"].shape[0])}
+    if "head.weight" in sd:
+        raise CheckpointError("checkpoint has a classification head but no fc_norm: not a DeblurringMIM "
+                              "fine-tuned ConvViT classifier (global_pool=True)")
+    return sd, {}
+
+
+SPECS = [ModelSpec(
+    id="deblurring-convmae", title="DeblurringMIM ConvMAE-B thyroid ultrasound encoder (+ nodule classifier)",
+    task="embedding", variants=("B", "tiny"), default_variant="B",
+    preprocess=dict(MAE_SPECS[0].preprocess),
+    licence="CC-BY-NC-4.0", source="https://github.com/openmedlab/DeblurringMIM",
+    build=build, remap=remap, labels=["class_0", "class_1"],
+    notes="Class order follows the training folders (ImageFolder, alphabetical); the release "
+          "does not name them, so pass --labels at export, e.g. --labels benign,malignant. "
+          "Encoder-only files give mean(norm(tokens)) without the pretraining-only "
+          "stage1/2_output_decode fusion.")]

@@ -1,0 +1,122 @@
+"""Endo-FM (clips) and ConvMAE (frames) end to end: export, verify, predict a video file,
+stream, and the bad inputs of a live feed."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+import omedge
+from omedge.bundle import read_manifest
+from omedge.errors import CheckpointError
+from tests.conftest import official_state_dict
+from tests.video_files import frame_at, write_video
+
+
+@pytest.fixture(scope="module")
+def polypdiag(tmp_path_factory):
+    """PolypDiag downstream file: module.-prefixed backbone + `linear` head."""
+    d = tmp_path_factory.mktemp("endo")
+    backbone = official_state_dict("endo-fm")
+    for blk in range(2):  # a trained temporal branch is not zero
+        backbone[f"blocks.{blk}.temporal_fc.weight"] = torch.randn(64, 64) * 0.02
+    path = d / "polypdiag.pth"
+    torch.save({"state_dict": {"module.linear.weight": torch.randn(2, 64), "module.linear.bias": torch.zeros(2)},
+                "backbone_state_dict": {f"module.{k}": v for k, v in backbone.items()},
+                "epoch": 20, "args": argparse.Namespace(arch="vit_base")}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def endo_bundle(tmp_path_factory, polypdiag):
+    out = tmp_path_factory.mktemp("endo_b") / "polypdiag"
+    return omedge.export("endo-fm", polypdiag, formats=["onnx", "openvino"], labels=["no_polyp", "polyp"], out=out)
+
+
+def test_endo_fm_bundle_is_a_verified_clip_classifier(endo_bundle):
+    m = read_manifest(endo_bundle)
+    assert m["input"]["layout"] == "NCTHW" and m["input"]["shape"] == [None, 3, 8, 224, 224]
+    assert m["model"]["task"] == "classification" and m["labels"] == ["no_polyp", "polyp"]
+    for art in m["artifacts"]:
+        assert art["parity"]["passed"] and art["parity"]["outputs"]["logits"]["top1_agreement"] == 1.0
+
+
+def test_endo_fm_int8_calibrated_on_clips(tmp_path, polypdiag):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(8):  # 9 s at 30 fps: one full 8-frame clip at the official rate each
+        write_video(clips / f"clip{i}.mp4", 270, fps=30, size=(96, 128))
+    b = omedge.export("endo-fm", polypdiag, formats=["openvino"], precision="int8", calib=clips,
+                      out=tmp_path / "int8", force=True)
+    m = read_manifest(b)
+    assert m["calibration"]["source"] == "folder" and m["calibration"]["samples"] == 6
+    assert m["verification"]["held_out_calibration_images"] == ["clip3.mp4", "clip7.mp4"]
+    assert m["artifacts"][0]["parity"]["outputs"]["embedding"]["cosine_min"] > 0.95
+
+
+def test_stream_window_equals_the_same_clip_passed_whole(endo_bundle, tmp_path):
+    video = write_video(tmp_path / "colon.mp4", 540, fps=30, size=(96, 128))  # 18 s: two clips
+    p = omedge.load(endo_bundle)
+    results = list(p.stream(video))
+    assert len(results) == 2 and p.last_stream_stats["frames_used"] == 17
+    # the official sampling: one frame every 32/30 s -> frames 0, 32, 64, ... of a 30 fps file
+    whole = p.predict([frame_at(i, (96, 128)) for i in range(0, 8 * 32, 32)], return_dict=True)
+    # decoding is lossy (H.264): compare with the decoded frames, not the originals
+    from omedge.io.video import iter_video
+    decoded = [f for k, (t, f) in enumerate(iter_video(video)) if k % 32 == 0][:8]
+    exact = p.predict(decoded, return_dict=True)
+    np.testing.assert_allclose(results[0]["outputs"]["logits"], exact["logits"][0], atol=1e-4)
+    assert results[0]["t_start"] == 0 and results[0]["t_end"] == pytest.approx(7 * 32 / 30, abs=0.02)
+    assert results[0]["label"] in ("no_polyp", "polyp") and whole["logits"].shape == (1, 2)
+
+
+def test_video_shorter_than_a_clip_is_padded_like_the_official_loader(endo_bundle, tmp_path):
+    video = write_video(tmp_path / "short.mp4", 100, fps=30, size=(96, 128))  # 3.3 s: 4 sampled frames
+    p = omedge.load(endo_bundle)
+    results = list(p.stream(video))
+    assert len(results) == 1 and results[0]["padded_frames"] == 4
+    frames = [f for k, (t, f) in enumerate(__import__("omedge.io.video", fromlist=["x"]).iter_video(video))
+              if k % 32 == 0]
+    np.testing.assert_allclose(results[0]["outputs"]["logits"],
+                               p.predict(frames + [frames[-1]] * 4, return_dict=True)["logits"][0], atol=1e-4)
+
+
+def test_variable_frame_rate_is_sampled_by_time(endo_bundle, tmp_path):
+    times = [i / 30 for i in range(150)] + [5 + i / 15 for i in range(150)]  # 30 fps, then 15 fps
+    video = write_video(tmp_path / "vfr.mp4", 300, fps=30, size=(96, 128), times=times)
+    p = omedge.load(endo_bundle)
+    results = list(p.stream(video, stride=1))
+    starts = [r["t_end"] for r in results]
+    assert np.allclose(np.diff(starts), 32 / 30, atol=0.07)  # one sample per 1.07 s at both rates
+
+
+def test_predict_video_from_the_cli(endo_bundle, tmp_path):
+    import json
+    import subprocess
+    import sys
+    video = write_video(tmp_path / "c.mp4", 270, fps=30, size=(96, 128))
+    r = subprocess.run([sys.executable, "-m", "omedge.cli", "predict", str(endo_bundle), str(video), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)["results"][0]
+    assert len(res["windows"]) == 1 and res["windows"][0]["label"] in ("no_polyp", "polyp")
+    assert res["stats"]["corrupt"] == 0
+
+
+def test_wrong_checkpoint_for_endo_fm(tmp_path, ckpt_dir):
+    with pytest.raises(CheckpointError):
+        omedge.export("endo-fm", ckpt_dir / "brow_tiny.pth", out=tmp_path / "x")
+
+
+def test_convmae_frame_classifier_bundle(tmp_path):
+    sd = official_state_dict("deblurring-convmae", num_classes=2)
+    torch.save({"model": sd}, tmp_path / "thyroid_convmae.pth")
+    b = omedge.export("deblurring-convmae", tmp_path / "thyroid_convmae.pth", formats=["onnx", "openvino"],
+                      precision="int8", calib="synthetic", calib_size=16, out=tmp_path / "thyroid", force=True)
+    m = read_manifest(b)
+    assert m["model"]["task"] == "classification"
+    p = omedge.load(b)
+    gray = frame_at(0, (300, 400))[..., 0]  # a grayscale ultrasound frame is replicated to RGB
+    assert p.predict(gray).shape == (1, 2)
+    results = list(p.stream(iter([gray, gray]), drop="block"))
+    assert len(results) == 2 and "label" in results[0]
