@@ -80,33 +80,40 @@ def llama_decode(gguf: Path, prompt_ids, n_new: int) -> dict:
             "ttft_s": ttft, "size_mb": gguf.stat().st_size / 1e6}
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--skip-1b", action="store_true")
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="omedge-pulse-bench-"))
+def decode_table(folder: Path, work: Path, new_tokens: int) -> dict:
+    from transformers import AutoTokenizer
+
     from omedge.exporters.llm import export_llm
-    folder = make(work / "bloom-300M", "300M")
     bundle = work / "bloom-300M-q4.omedge"
     if not bundle.exists():
         export_llm("pulse", folder, quant="Q4_K_M", out=bundle, log=print)
-    from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     prompt = tok("Instructions: You are Helper. User: 患者男，65岁，反复胸闷气短两周，活动后加重。请问需要做哪些检查？"
                  " The patient reports chest pain and shortness of breath on exertion.")["input_ids"]
     prompt = (prompt * 4)[:96]
-    rows = {"transformers fp32 eager": hf_decode(folder, prompt, args.new_tokens),
-            "omedge Q4_K_M (llama.cpp)": llama_decode(bundle / "model-Q4_K_M.gguf", prompt, args.new_tokens)}
+    rows = {"transformers fp32 eager": hf_decode(folder, prompt, new_tokens),
+            "omedge Q4_K_M (llama.cpp)": llama_decode(bundle / "model-Q4_K_M.gguf", prompt, new_tokens)}
     base = rows["transformers fp32 eager"]
-    print(f"\n~300M BLOOM-shaped model, prompt {len(prompt)} tokens, {args.new_tokens} new tokens, greedy, "
+    print(f"\n~300M BLOOM-shaped model, prompt {len(prompt)} tokens, {new_tokens} new tokens, greedy, "
           f"{torch.get_num_threads()} threads")
     print(f"{'variant':28s} {'size MB':>9s} {'prompt tok/s':>13s} {'TTFT s':>8s} {'decode tok/s':>13s} {'vs fp32':>8s}")
     for k, r in rows.items():
         print(f"{k:28s} {r['size_mb']:9.1f} {r['prompt_tok_s']:13.1f} {r['ttft_s']:8.3f} {r['decode_tok_s']:13.1f} "
               f"{r['decode_tok_s'] / base['decode_tok_s']:7.2f}x")
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--skip-1b", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="only the conversion memory measurement")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="omedge-pulse-bench-"))
+    folder = make(work / "bloom-300M", "300M")
+    rows = {} if args.memory_only else decode_table(folder, work, args.new_tokens)
     mem = {}
     for size in ("300M",) + (() if args.skip_1b else ("1.2B",)):
         f = make(work / f"bloom-{size}", size)

@@ -44,8 +44,8 @@ def stream_30fps(bundle: Path, seconds: float, stride=None) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--seconds", type=float, default=6)
+    ap.add_argument("--runs", type=int, default=6)
+    ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--stream-seconds", type=float, default=20)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -55,7 +55,7 @@ def main():
         for model, title in (("endo-fm", "Endo-FM 8x224x224 clip"), ("deblurring-convmae", "ConvMAE-B 224 frame")):
             rows = add_ratios(bench_model(model, precisions=("fp32", "bf16", "int8"), formats=("onnx", "openvino"),
                                           runs=args.runs, seconds=args.seconds, modes=("latency", "throughput"),
-                                          workdir=tmp / model, log=print))
+                                          workdir=tmp / model, calib_size=16, log=print))
             out.print(bench_table(rows, 1))
             report[model] = rows
         print(f"\nstreaming: live source at 30 fps for {args.stream_seconds:.0f} s, queue 4, drop oldest")

@@ -55,7 +55,7 @@ def worker_bundle(bundle, artifact, backend, device, batch, runs, warmup, second
     x_all = ref["inputs"].astype(np.float32)
     x = np.concatenate([x_all] * (batch // len(x_all) + 1))[:batch]
     if mode == "throughput":  # many single-image requests in flight: items/s over a stream of inputs
-        stream = np.concatenate([x_all] * max(1, 32 // len(x_all)))
+        stream = np.concatenate([x_all] * max(1, 8 // len(x_all)))
         times = [t / len(stream) for t in _timed(lambda a: p.run(a, batch_size=1), stream, 1, max(3, runs // 8),
                                                   seconds)]
     else:
@@ -142,7 +142,7 @@ def bench_torch(model_id, variant, weights=None, seed=0, batch=1, runs=20, warmu
 
 def bench_model(model_id, weights=None, variant=None, calib=None, precisions=("fp32", "bf16", "int8"),
                 formats=("onnx", "openvino"), batch=1, runs=20, warmup=3, seconds=5.0, threads=None,
-                workdir=None, modes=("latency",), log=lambda m: None) -> list[dict]:
+                workdir=None, modes=("latency",), calib_size: int = 64, log=lambda m: None) -> list[dict]:
     """Export the usual variants of a model, then bench them beside torch fp32 eager."""
     from .exporters import export
     from .models import get_spec
@@ -160,7 +160,7 @@ def bench_model(model_id, weights=None, variant=None, calib=None, precisions=("f
             log(f"exporting {model_id} {variant} {precision} ({', '.join(fmts)})")
             try:
                 b = export(model_id, weights, variant=variant, formats=fmts, precision=precision,
-                           calib=(calib or "synthetic") if precision == "int8" else None,
+                           calib=(calib or "synthetic") if precision == "int8" else None, calib_size=calib_size,
                            random_weights=weights is None, out=tmp / f"{model_id}-{precision}.omedge",
                            overwrite=True, force=True)
             except OmedgeError as e:

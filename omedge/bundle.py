@@ -29,19 +29,27 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def bundle_path(out: str | Path, overwrite: bool = False) -> Path:
+    """The bundle folder for `out` (".omedge" added); refuses an existing one unless
+    overwrite, so a long export can fail fast instead of at the end."""
+    out = Path(out)
+    if out.suffix != SUFFIX:
+        out = out.with_name(out.name + SUFFIX)
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists", "pass --overwrite to replace it, or choose another -o")
+    return out
+
+
 class BundleWriter:
     """with BundleWriter(out) as w: write files under w.dir; w.commit(manifest)."""
 
     def __init__(self, out: str | Path, overwrite: bool = False):
         self.out = Path(out)
-        if self.out.suffix != SUFFIX:
-            self.out = self.out.with_name(self.out.name + SUFFIX)
         self.overwrite = overwrite
         self.dir: Path | None = None
 
     def __enter__(self):
-        if self.out.exists() and not self.overwrite:
-            raise UsageError(f"{self.out} already exists", "pass --overwrite to replace it, or choose another -o")
+        self.out = bundle_path(self.out, self.overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.dir = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -137,7 +137,8 @@ def cmd_export(args):
                       formats=[f.strip() for f in args.format.split(",")], precision=_precision(args),
                       calib=args.calib, calib_size=args.calib_size, verify_data=args.verify_data,
                       random_weights=args.random_weights, seed=args.seed,
-                      trust_checkpoint=args.trust_checkpoint, labels=labels, overwrite=args.overwrite,
+                      trust_checkpoint=args.trust_checkpoint, labels=labels, frames=args.frames,
+                      overwrite=args.overwrite,
                       force=args.force, log=log)
     from .bundle import read_manifest
     m = read_manifest(path)
@@ -192,16 +193,54 @@ def cmd_predict_stream(p, args):
     return 0
 
 
+def cmd_predict_volume(p, args):
+    """CT/MR volumes -> NIfTI label maps on the input grid, with per-class volumes."""
+    import time
+
+    from rich.progress import Progress
+
+    from .io.volume import write_labels
+    from .runtime.volume import class_volumes
+    if args.output and len(args.inputs) > 1:
+        raise UsageError("-o names one label map; give one input at a time, or omit -o to write "
+                         "<input>_seg.nii.gz next to each input")
+    results = []
+    for src in args.inputs:
+        name = Path(src).name.removesuffix(".gz").removesuffix(".nii")
+        target = Path(args.output) if args.output else Path(src).parent / f"{name}_seg.nii.gz"
+        if target.exists() and not args.overwrite:
+            raise UsageError(f"{target} already exists", "pass --overwrite to replace it")
+        t0 = time.perf_counter()
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"segmenting {Path(src).name}", total=None)
+            labels, vol = p.segment(src, tta=args.tta, batch_size=args.batch_size or 2,
+                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+        write_labels(labels, vol, target, overwrite=args.overwrite)
+        results.append({"input": src, "output": str(target), "shape": list(vol.data.shape),
+                        "spacing_mm": [round(float(v), 4) for v in vol.spacing], "seconds": time.perf_counter() - t0,
+                        "volumes_ml": class_volumes(labels, vol, p.labels)})
+    if args.json:
+        print(json.dumps({"runtime": p.describe(), "results": results}, indent=2))
+        return 0
+    for r in results:
+        out.print(f"{r['input']} -> {r['output']} ({r['seconds']:.1f} s)")
+        rows = sorted(r["volumes_ml"].items(), key=lambda kv: -kv[1])
+        out.print(_table("structures found", ["label", "volume ml"], rows))
+    return 0
+
+
 def cmd_predict(args):
     from .io.video import VIDEO_SUFFIXES
     from .runtime import load
     p = load(args.bundle, device=args.device, backend=args.backend, threads=args.threads)
     if hasattr(p, "generate"):
         return cmd_predict_llm(p, args)
+    if p.manifest["preprocess"].get("kind") == "volume":
+        return cmd_predict_volume(p, args)
     if p.manifest["preprocess"].get("kind") == "video" or any(
             Path(i).suffix.lower() in VIDEO_SUFFIXES or Path(i).is_dir() for i in args.inputs):
         return cmd_predict_stream(p, args)
-    outputs = p.predict(args.inputs, batch_size=args.batch_size, return_dict=True)
+    outputs = p.predict(args.inputs, batch_size=args.batch_size or 8, return_dict=True)
     results = []
     for i, name in enumerate(args.inputs):
         r = {"input": name}
@@ -370,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-size", type=int, default=64)
     s.add_argument("--verify-data", help="folder of images for the parity check")
     s.add_argument("--labels", help="comma list of class names for a classifier head")
+    s.add_argument("--frames", type=int, help="video models: frames per clip (Endo-FM default 8)")
     s.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (only for trusted files)")
     s.add_argument("-o", "--output", help="bundle folder (.omedge)")
     s.add_argument("--overwrite", action="store_true")
@@ -383,8 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "npu"])
     s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
     s.add_argument("--threads", type=int)
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--batch-size", type=int, help="images per run (default 8; volumes: windows per run, 2)")
     s.add_argument("--stride", type=int, help="videos: a result every N sampled frames (default: one clip)")
+    s.add_argument("-o", "--output", help="volumes: the label map to write (.nii.gz)")
+    s.add_argument("--overwrite", action="store_true", help="volumes: replace an existing label map")
+    s.add_argument("--tta", action="store_true", help="volumes: 8-way mirroring (slower, as nnU-Net)")
     s.add_argument("--max-tokens", type=int, default=256, help="LLM bundles: answer length limit")
     s.add_argument("--mode", choices=["qa", "consultation"], help="LLM bundles: PULSE's question prefix")
     s.add_argument("--json", action="store_true")

@@ -30,6 +30,15 @@ def verify(bundle, device: str = "cpu") -> dict:
         row = {"artifact": art["name"], "backend": backend, "device": dev,
                "inference_precision": info.get("inference_precision"), "result":
                "pass" if result["passed"] else "FAIL: " + "; ".join(result["failures"]), "details": result}
+        if "phantom" in stored.files:  # segmentation: the whole-volume pipeline again
+            from .io.volume import Volume
+            from .runtime.volume import volume_dice
+            phantom = Volume(stored["phantom"].astype(np.float32), stored["phantom_affine"], "stored phantom")
+            dice, failures = volume_dice(lambda b: p.run(b, batch_size=1)["logits"], phantom,
+                                         stored["phantom_labels"], manifest["preprocess"], art["precision"])
+            row["dice_min"] = round(dice["min"], 4)
+            if failures:
+                row["result"] = "FAIL: " + "; ".join(failures)
         row["cosine_min"] = round(min(m["cosine_min"] for m in result["outputs"].values()), 6)
         if "logits" in result["outputs"]:
             row["top1_agreement"] = result["outputs"]["logits"]["top1_agreement"]

@@ -120,3 +120,24 @@ def test_convmae_frame_classifier_bundle(tmp_path):
     assert p.predict(gray).shape == (1, 2)
     results = list(p.stream(iter([gray, gray]), drop="block"))
     assert len(results) == 2 and "label" in results[0]
+
+
+def test_other_clip_length_resizes_time_embed_like_the_official_code(tmp_path, polypdiag):
+    b = omedge.export("endo-fm", polypdiag, frames=4, out=tmp_path / "t4")
+    m = read_manifest(b)
+    assert m["preprocess"]["frames"] == 4 and m["input"]["shape"] == [None, 3, 4, 224, 224]
+    assert m["artifacts"][0]["parity"]["passed"]
+    p = omedge.load(b)
+    clip = [frame_at(i, (96, 128)) for i in range(4)]
+    # the official forward: time_embed resized to 4 rows by nearest interpolation (rows 0, 2, 4, 6)
+    import omedge.models as models
+    spec = models.get_spec("endo-fm")
+    model8 = models.load(spec, polypdiag)[0]
+    model4 = models.load(spec, polypdiag, num_frames=4)[0]
+    assert torch.equal(model4.time_embed[:, model4.time_index], model8.time_embed[:, [0, 2, 4, 6]])
+    x = torch.from_numpy(p.prepare(clip))
+    with torch.no_grad():
+        np.testing.assert_allclose(p.predict(clip, return_dict=True)["logits"], model4(x)["logits"].numpy(),
+                                   atol=1e-4)
+    with pytest.raises(omedge.errors.UsageError, match="video models"):
+        omedge.export("brow", random_weights=True, variant="tiny", frames=4, out=tmp_path / "x")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..bundle import SCHEMA_VERSION, BundleWriter, now_iso, sha256
+from ..bundle import SCHEMA_VERSION, BundleWriter, bundle_path, now_iso, sha256
 from ..errors import ParityError, UsageError
 from ..models import build, get_spec, load
 from ..parity import compare, gates_for
@@ -60,36 +60,48 @@ def export(model_id: str, weights: str | Path | None = None, *, out: str | Path 
            variant: str | None = None, formats=("onnx",), precision: str = "fp32",
            calib: str | Path | None = None, calib_size: int = 64, verify_data: str | Path | None = None,
            verify_size: int = 8, random_weights: bool = False, seed: int = 0, trust_checkpoint: bool = False,
-           labels: list[str] | None = None, overwrite: bool = False, force: bool = False,
-           log: Callable[[str], None] = lambda msg: None) -> Path:
-    """Export `model_id` into a verified bundle folder and return its path."""
+           labels: list[str] | None = None, frames: int | None = None, overwrite: bool = False,
+           force: bool = False, log: Callable[[str], None] = lambda msg: None) -> Path:
+    """Export `model_id` into a verified bundle folder and return its path.
+    frames: clip length for video models (Endo-FM: 8 by default; the 8-row time table
+    is resized by nearest neighbour, as the official code does)."""
     formats = tuple(formats)
     _check_request(formats, precision, calib)
     spec = get_spec(model_id)
+    pre, input_shape, build_options = spec.preprocess, tuple(spec.input_shape), {}
+    if frames is not None:
+        if pre.get("kind") != "video":
+            raise UsageError(f"--frames applies to video models; {model_id} takes single images")
+        if frames < 1:
+            raise UsageError("--frames must be at least 1")
+        pre = {**pre, "frames": frames}
+        input_shape = (input_shape[0], input_shape[1], frames, *input_shape[3:])
+        build_options["num_frames"] = frames
     if weights is None and not random_weights:
         raise UsageError(f"no weights given for {model_id}",
                          "pass --weights PATH (the official checkpoint), or --random-weights for a demo")
+    if out is not None:
+        bundle_path(out, overwrite)  # fail before the slow part
     if weights is not None:
         log(f"loading {Path(weights).name}")
-        model, variant, options = load(spec, weights, variant, trust=trust_checkpoint)
+        model, variant, options = load(spec, weights, variant, trust=trust_checkpoint, **build_options)
         weights_info = {"source": "checkpoint", "file": Path(weights).name, "sha256": sha256(Path(weights))}
     else:
         variant = variant or spec.default_variant
-        options = dict(spec.default_options)
+        options = {**spec.default_options, **build_options}
         model = build(spec, variant, seed=seed, **options)
         weights_info = {"source": "random", "seed": seed,
                         "warning": "RANDOM WEIGHTS: for testing the pipeline only, not a medical model"}
     if labels is not None and not getattr(model, "head", None):
         raise UsageError("--labels given but this checkpoint has no classification head")
     out = Path(out or f"{model_id}-{variant}-{precision}{'-random' if random_weights else ''}.omedge")
-    pre = spec.preprocess
 
     # Inputs: calibration (for static INT8) and verification (held out from the
     # calibration folder when there is one, else --verify-data, else synthetic).
     calib_x, calib_info = None, None
     verify_parts, verify_info = [], {}
     if calib is not None and str(calib) != "synthetic":
-        log(f"reading calibration images from {calib}")
+        log(f"reading calibration {'clips' if pre.get('kind') == 'video' else 'images'} from {calib}")
         x, names = folder_inputs(calib, pre, limit=calib_size + verify_size)
         calib_x, held, held_names = split_holdout(x, names, verify_size)
         calib_info = {"source": "folder", "folder": str(calib), "samples": len(calib_x)}
@@ -103,17 +115,25 @@ def export(model_id: str, weights: str | Path | None = None, *, out: str | Path 
         x, names = folder_inputs(verify_data, pre, limit=verify_size)
         verify_parts.append(x)
         verify_info["verify_data"] = [Path(n).name for n in names]
+    volume = pre.get("kind") == "volume"
+    n_min, verify_size = (2, min(verify_size, 2)) if volume else (4, verify_size)  # 3-D patches are large
     n_have = sum(len(p) for p in verify_parts)
-    if n_have < 4:
-        verify_parts.append(synthetic_inputs(max(4, verify_size) - n_have, seed + 2, pre))
-        verify_info["synthetic"] = max(4, verify_size) - n_have
+    if n_have < n_min:
+        verify_parts.append(synthetic_inputs(max(n_min, verify_size) - n_have, seed + 2, pre))
+        verify_info["synthetic"] = max(n_min, verify_size) - n_have
     # Stored as float16 in the bundle: round first so the reference sees the same input.
     verify_x = np.concatenate(verify_parts).astype(np.float16).astype(np.float32)
 
     with torch.no_grad():
         reference = {k: v.numpy() for k, v in model(torch.from_numpy(verify_x)).items()}
     output_names = list(reference)
-    task = "classification" if "logits" in output_names else "embedding"
+    task = "segmentation" if volume else ("classification" if "logits" in output_names else "embedding")
+    phantom = None
+    if volume:  # whole-volume check: the same pipeline with torch and with each artifact
+        from ..runtime.volume import segment, synthetic_ct
+        log("segmenting the verification phantom with torch fp32")
+        phantom = synthetic_ct(seed=seed + 3)
+        phantom_ref = segment(phantom, _torch_runner(model), pre)
 
     with BundleWriter(out, overwrite=overwrite) as writer:
         n_params = sum(p.numel() for p in model.parameters())
@@ -122,13 +142,15 @@ def export(model_id: str, weights: str | Path | None = None, *, out: str | Path 
         work.mkdir()
         log("exporting ONNX (fp32)")
         onnx_fp32 = work / "model.onnx"
-        onnx_info = export_onnx(model, torch.from_numpy(verify_x[:1]), onnx_fp32, spec.input_name, output_names)
+        onnx_info = export_onnx(model, torch.from_numpy(verify_x[:1]), onnx_fp32, spec.input_name, output_names,
+                                spatial_dynamic=volume)
         artifacts = []
         for fmt in formats:
             log(f"building {fmt} {precision}")
             art = _build_artifact(fmt, precision, onnx_fp32, writer.dir, spec.input_name, calib_x)
             log(f"verifying {art['name']} against torch fp32 on {len(verify_x)} inputs")
-            art["parity"] = _verify(art, writer.dir, spec.input_name, verify_x, reference, precision)
+            art["parity"] = _verify(art, writer.dir, spec.input_name, verify_x, reference, precision,
+                                    (phantom, phantom_ref, pre) if volume else None)
             if not art["parity"]["passed"]:
                 if not force:
                     raise ParityError(f"{art['name']} failed its parity gate: {'; '.join(art['parity']['failures'])}",
@@ -137,16 +159,20 @@ def export(model_id: str, weights: str | Path | None = None, *, out: str | Path 
                 log(f"WARNING: {art['name']} failed parity, kept because of --force")
             artifacts.append(art)
         _remove_tree(work)
+        extra = {}
+        if volume:
+            extra = {"phantom": phantom.data.astype(np.int16), "phantom_affine": phantom.affine,
+                     "phantom_labels": phantom_ref}
         np.savez_compressed(writer.dir / "parity.npz", inputs=verify_x.astype(np.float16),
-                            **{f"ref_{k}": v for k, v in reference.items()})
+                            **{f"ref_{k}": v for k, v in reference.items()}, **extra)
         manifest = {
             "schema_version": SCHEMA_VERSION, "created": now_iso(),
             "model": {"id": spec.id, "variant": variant, "title": spec.title, "task": task,
                       "options": options, "licence": spec.licence, "source": spec.source,
                       "parameters": int(n_params), "notes": spec.notes},
             "weights": weights_info,
-            "input": {"name": spec.input_name, "shape": list(spec.input_shape), "dtype": "float32",
-                      "layout": "NCTHW" if len(spec.input_shape) == 5 else "NCHW"},
+            "input": {"name": spec.input_name, "shape": list(input_shape), "dtype": "float32",
+                      "layout": "NCTHW" if len(input_shape) == 5 else "NCHW"},
             "outputs": [{"name": k, "shape": [None, *v.shape[1:]]} for k, v in reference.items()],
             "primary_output": "logits" if task == "classification" else "embedding",
             "labels": (labels or spec.labels) if task == "classification" else None,
@@ -199,7 +225,14 @@ def _build_artifact(fmt, precision, onnx_fp32: Path, root: Path, input_name: str
     return art
 
 
-def _verify(art, root: Path, input_name, verify_x, reference, precision) -> dict:
+def _torch_runner(model):
+    def run(batch):
+        with torch.no_grad():
+            return model(torch.from_numpy(batch))["logits"].numpy()
+    return run
+
+
+def _verify(art, root: Path, input_name, verify_x, reference, precision, volume=None) -> dict:
     backend = "onnxruntime" if art["format"] == "onnx" else "openvino"
     # bf16 is verified even where this CPU only emulates it: slow, but the numbers are bf16's
     options = {**art["runtime"].get(backend, {}), "allow_emulated_bf16": True}
@@ -209,8 +242,14 @@ def _verify(art, root: Path, input_name, verify_x, reference, precision) -> dict
         for k, v in runner.run({input_name: verify_x[i:i + 1]}).items():
             outs.setdefault(k, []).append(v)
     result = compare(reference, {k: np.concatenate(v) for k, v in outs.items()}, gates_for(precision))
+    if volume is not None:
+        from ..runtime.volume import volume_dice
+        phantom, ref_labels, pre = volume
+        result["volume_dice"], failures = volume_dice(
+            lambda b: runner.run({input_name: b})["logits"], phantom, ref_labels, pre, precision)
+        result["failures"] += failures
+        result["passed"] = not result["failures"]
     result["measured_with"] = runner.describe()
-    del runner
     return result
 
 

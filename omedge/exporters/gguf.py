@@ -13,19 +13,44 @@ from ..errors import CheckpointError
 from ..models.pulse import CHAT_TEMPLATE, LICENCE, HFFolder
 
 
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def _read_safetensors(shard: Path):
+    """Header now, tensors one by one later with plain reads: a memory map would leave
+    every page it touched counted in the process's memory until the kernel evicts it."""
+    import json
+    import struct
+    with open(shard, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+
+    def load(name):
+        meta = header[name]
+        if meta["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{shard.name}: tensor {name} has dtype {meta['dtype']}, not a float type")
+        start, end = meta["data_offsets"]
+        with open(shard, "rb") as f:
+            f.seek(8 + n + start)
+            raw = np.frombuffer(f.read(end - start), dtype=_ST_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+        if meta["dtype"] == "BF16":  # bf16 is the top half of an fp32
+            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw
+    return {k: tuple(v["shape"]) for k, v in header.items()}, load
+
+
 def _open_shard(shard: Path):
-    """(names -> shape, loader(name) -> torch tensor), without reading the data."""
-    import torch
+    """(names -> shape, loader(name) -> float numpy array), without reading the data."""
     if shard.suffix == ".safetensors":
-        from safetensors import safe_open
-        f = safe_open(str(shard), framework="pt")
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.get_tensor
+        return _read_safetensors(shard)
+    import torch
     try:
         sd = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read shard {shard.name}: {str(e).splitlines()[0][:200]}",
                               "the file is truncated, corrupt or needs unsafe unpickling") from e
-    return {k: tuple(v.shape) for k, v in sd.items()}, sd.__getitem__
+    return {k: tuple(v.shape) for k, v in sd.items()}, lambda name: sd[name].float().numpy()
 
 
 def bloom_qkv_to_gguf(t, n_head: int):
@@ -199,8 +224,7 @@ def convert(folder: HFFolder, out: Path, log: Callable[[str], None] = lambda m: 
         if shard != current:
             log(f"converting {shard.name}")
             current, (_, loader) = shard, _open_shard(shard)
-        t = loader(hf_name).float().numpy()
-        t = apply(t, transform).astype(_out_dtype(name, shape))
+        t = apply(loader(hf_name), transform).astype(_out_dtype(name, shape))
         largest = max(largest, t.nbytes)
         writer.write_tensor_data(np.ascontiguousarray(t))
         del t

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..bundle import SCHEMA_VERSION, BundleWriter, now_iso
+from ..bundle import SCHEMA_VERSION, BundleWriter, bundle_path, now_iso
 from ..errors import ParityError, UsageError
 from ..models.pulse import LICENCE, PRIMER, SAMPLING, SOURCE, inspect_folder, prompt_segments
 from ..quantize.gguf_quant import BITS_PER_WEIGHT, QUANTS, quantize
@@ -143,7 +143,7 @@ def export_llm(model_id: str, weights, *, out=None, quant: str = "F16", keep_f16
     if quant not in QUANTS:
         raise UsageError(f"unknown GGUF type '{quant}'", f"choose from {', '.join(QUANTS)}")
     folder = inspect_folder(weights, expect=model_id)
-    out = Path(out or f"{folder.model_id}-{quant.lower()}.omedge")
+    out = bundle_path(out or f"{folder.model_id}-{quant.lower()}.omedge", overwrite)
     n = folder.n_params_estimate
     log(f"{folder.model_id}: {folder.arch}, ~{n / 1e9:.2f} B parameters, {len(folder.shards)} shard(s)")
     with BundleWriter(out, overwrite=overwrite) as writer:

@@ -25,12 +25,15 @@ class _TupleOutputs(torch.nn.Module):
 
 
 def export_onnx(model, example: torch.Tensor, path: Path, input_name: str, output_names: list[str],
-                opset: int = OPSET) -> dict:
+                opset: int = OPSET, spatial_dynamic: bool = False) -> dict:
     """Write `path` (plus `path.data` when the weights pass 2 GB); return a record for
-    the manifest."""
+    the manifest. spatial_dynamic: volumes of any size (fully convolutional nets)."""
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = n_bytes > EXTERNAL_DATA_LIMIT
-    dynamic = {input_name: {0: "batch"}, **{n: {0: "batch"} for n in output_names}}
+    axes = {0: "batch"}
+    if spatial_dynamic:
+        axes.update({2: "depth", 3: "height", 4: "width"})
+    dynamic = {input_name: axes, **{n: dict(axes) for n in output_names}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(_TupleOutputs(model.eval(), output_names), (example,), str(path),

@@ -62,8 +62,11 @@ def identify(raw) -> list[tuple[str, str]]:
     return hits
 
 
-def load(spec: ModelSpec, weights: str | Path, variant: str | None = None, trust: bool = False):
-    """Load an official checkpoint strictly. Returns (module, variant, options)."""
+def load(spec: ModelSpec, weights: str | Path, variant: str | None = None, trust: bool = False,
+         **build_options):
+    """Load an official checkpoint strictly. Returns (module, variant, options).
+    build_options: choices of the deployment that the file does not fix (e.g. an
+    Endo-FM clip length); they must not change which parameters exist."""
     from .checkpoint import describe_mismatch, read_checkpoint
     raw = read_checkpoint(weights, trust=trust)
     if variant is not None:
@@ -72,6 +75,7 @@ def load(spec: ModelSpec, weights: str | Path, variant: str | None = None, trust
         sd, options = spec.remap(raw)
     except CheckpointError as e:
         raise _wrong_model(spec, raw, str(e)) from None
+    options = {**options, **build_options}
     tried = [variant] if variant else list(spec.variants)
     for v in tried:
         if not any(_match(spec, sd, options, v)):

@@ -17,8 +17,27 @@ def synthetic_images(n: int, seed: int, size: int = 256) -> list[np.ndarray]:
                        .resize((size, size), Image.BICUBIC)) for _ in range(n)]
 
 
+def volume_patches(volumes, pre: dict, n: int, seed: int) -> np.ndarray:
+    """n network-space patches (1, D, H, W) cut at random places from volumes, after
+    the same resampling and normalisation as inference."""
+    from ..runtime.volume import to_model_space
+    rng = np.random.default_rng(seed)
+    patch = tuple(pre["patch_size"])
+    spaces = [to_model_space(v, pre)[0] for v in volumes]
+    out = []
+    for i in range(n):
+        x = spaces[i % len(spaces)]
+        x = np.pad(x, [(0, 0)] + [(0, max(0, p - s)) for p, s in zip(patch, x.shape[1:])])
+        start = [int(rng.integers(0, s - p + 1)) for s, p in zip(x.shape[1:], patch)]
+        out.append(x[:, start[0]:start[0] + patch[0], start[1]:start[1] + patch[1], start[2]:start[2] + patch[2]])
+    return np.stack(out)
+
+
 def synthetic_inputs(n: int, seed: int, pre: dict) -> np.ndarray:
-    """n preprocessed synthetic inputs: images, or clips of distinct frames."""
+    """n preprocessed synthetic inputs: images, clips of distinct frames, or CT patches."""
+    if pre.get("kind") == "volume":
+        from ..runtime.volume import synthetic_ct
+        return volume_patches([synthetic_ct(seed=seed + i) for i in range(min(n, 3))], pre, n, seed)
     if pre.get("kind") != "video":
         return np.stack([preprocess_one(im, pre) for im in synthetic_images(n, seed)])
     frames = synthetic_images(n * pre["frames"], seed, size=256)
@@ -56,9 +75,32 @@ def video_clips(folder, pre: dict, limit: int | None = None) -> tuple[np.ndarray
     return np.stack(clips), names
 
 
+def folder_volumes(folder, pre: dict, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """One patch per volume (NIfTI files or DICOM series sub-folders) in `folder`."""
+    from pathlib import Path
+
+    from ..io.volume import read_volume
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"volume folder not found: {folder}")
+    sources = sorted(p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")) or p.is_dir())
+    if not sources:
+        raise InputError(f"no NIfTI volumes or DICOM series folders in {folder}")
+    sources = sources[:limit] if limit else sources
+    volumes = []
+    for src in sources:
+        try:
+            volumes.append(read_volume(src))
+        except InputError as e:
+            raise InputError(f"calibration volume {src} cannot be used: {e.message}", e.hint) from e
+    return volume_patches(volumes, pre, len(volumes), 0), [str(s) for s in sources]
+
+
 def folder_inputs(folder, preprocess_spec: dict, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
     if preprocess_spec.get("kind") == "video":
         return video_clips(folder, preprocess_spec, limit)
+    if preprocess_spec.get("kind") == "volume":
+        return folder_volumes(folder, preprocess_spec, limit)
     files = list_images(folder)
     if limit:
         step = max(1, len(files) // limit)  # spread over the folder, deterministic

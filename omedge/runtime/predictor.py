@@ -83,6 +83,19 @@ class Predictor:
         return np.stack([clip_from_frames([preprocess_frame(f, pre) for f in clip], pre["frames"])
                          for clip in clips])
 
+    def segment(self, volume, tta: bool = False, batch_size: int = 2, progress=None):
+        """A CT/MR volume (NIfTI path, DICOM series folder or io.volume.Volume) -> label
+        map on the input's grid (NIfTI voxel order) and the Volume it belongs to."""
+        from ..io.volume import Volume, read_volume
+        from .volume import segment
+        pre = self.manifest["preprocess"]
+        if pre.get("kind") != "volume":
+            raise InputError(f"{self.path.name} is not a segmentation bundle")
+        vol = volume if isinstance(volume, Volume) else read_volume(volume)
+        labels = segment(vol, lambda b: self.run(b, batch_size=batch_size)["logits"], pre,
+                         batch_size=batch_size, mirror=tta, progress=progress)
+        return labels, vol
+
     def stream(self, source, stride: int | None = None, fps: float | None = None, queue_size: int = 8,
                drop: str | None = None):
         """Timestamped results for a video file, a folder of frames or a live iterator
