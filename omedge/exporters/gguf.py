@@ -26,7 +26,7 @@ def _read_safetensors(shard: Path):
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
 
-    def load(name):
+    def load(name, dtype):
         meta = header[name]
         if meta["dtype"] not in _ST_DTYPES:
             raise CheckpointError(f"{shard.name}: tensor {name} has dtype {meta['dtype']}, not a float type")
@@ -34,14 +34,20 @@ def _read_safetensors(shard: Path):
         with open(shard, "rb") as f:
             f.seek(8 + n + start)
             raw = np.frombuffer(f.read(end - start), dtype=_ST_DTYPES[meta["dtype"]]).reshape(meta["shape"])
-        if meta["dtype"] == "BF16":  # bf16 is the top half of an fp32
-            raw = (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw
+        if meta["dtype"] != "BF16":
+            return raw.astype(dtype)
+        out = np.empty(raw.shape, dtype)  # bf16 is the top half of an fp32; convert in slices
+        flat_in, flat_out = raw.reshape(-1), out.reshape(-1)
+        for i in range(0, flat_in.size, 1 << 24):
+            flat_out[i:i + (1 << 24)] = (flat_in[i:i + (1 << 24)].astype(np.uint32) << 16).view(np.float32)
+        return out
     return {k: tuple(v["shape"]) for k, v in header.items()}, load
 
 
 def _open_shard(shard: Path):
-    """(names -> shape, loader(name) -> float numpy array), without reading the data."""
+    """(names -> shape, loader(name, dtype) -> numpy array), without reading the data.
+    Tensors arrive in the GGUF dtype directly, so no float32 copy of a whole embedding
+    matrix is ever made."""
     if shard.suffix == ".safetensors":
         return _read_safetensors(shard)
     import torch
@@ -50,7 +56,8 @@ def _open_shard(shard: Path):
     except Exception as e:
         raise CheckpointError(f"cannot read shard {shard.name}: {str(e).splitlines()[0][:200]}",
                               "the file is truncated, corrupt or needs unsafe unpickling") from e
-    return {k: tuple(v.shape) for k, v in sd.items()}, lambda name: sd[name].float().numpy()
+    torch_dtype = {np.float16: torch.float16, np.float32: torch.float32}
+    return {k: tuple(v.shape) for k, v in sd.items()}, lambda name, dtype: sd[name].to(torch_dtype[dtype]).numpy()
 
 
 def bloom_qkv_to_gguf(t, n_head: int):
@@ -224,7 +231,8 @@ def convert(folder: HFFolder, out: Path, log: Callable[[str], None] = lambda m: 
         if shard != current:
             log(f"converting {shard.name}")
             current, (_, loader) = shard, _open_shard(shard)
-        t = apply(loader(hf_name), transform).astype(_out_dtype(name, shape))
+        dtype = _out_dtype(name, shape)
+        t = apply(loader(hf_name, dtype), transform)
         largest = max(largest, t.nbytes)
         writer.write_tensor_data(np.ascontiguousarray(t))
         del t
