@@ -280,8 +280,9 @@ def cmd_verify(args):
             cols = ["artifact", "backend", "device", "argmax agreement", "gate", "top-8 logit max abs", "result"]
         else:
             rows = [(r["artifact"], r["backend"], r["device"], r.get("inference_precision", "-"),
-                     r.get("cosine_min", "-"), r.get("top1_agreement", "-"), r["result"]) for r in report["runs"]]
-            cols = ["artifact", "backend", "device", "exec precision", "cosine min", "top-1", "result"]
+                     r.get("cosine_min", "-"), r.get("top1_agreement", r.get("dice_min", "-")), r["result"])
+                    for r in report["runs"]]
+            cols = ["artifact", "backend", "device", "exec precision", "cosine min", "top-1 / Dice", "result"]
         out.print(_table("parity on this machine vs the stored reference", cols, rows))
         for s in report["skipped"]:
             console.print(f"[dim]skipped: {s}[/dim]")

@@ -49,7 +49,11 @@ def compare(reference: dict, candidate: dict, gates: dict) -> dict:
              "ref_max_abs": float(np.abs(ref).max())}
         if m["cosine_min"] < gates["cosine_min"] or not np.isfinite(out).all():
             result["failures"].append(f"{name}: cosine {m['cosine_min']:.6f} < {gates['cosine_min']}")
-        if name == "logits":
+        if name == "logits" and ref.ndim > 2:
+            # segmentation logits (N, K, D, H, W): voxel agreement is reported here; the
+            # gate is per-class Dice of the whole-volume pipeline
+            m["voxel_agreement"] = float((ref.argmax(1) == out.argmax(1)).mean())
+        elif name == "logits":
             m["top1_agreement"] = float((ref.argmax(-1) == out.argmax(-1)).mean())
             if m["top1_agreement"] < gates["top1_agreement"]:
                 result["failures"].append(f"{name}: top-1 agreement {m['top1_agreement']:.3f} "

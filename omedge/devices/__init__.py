@@ -141,5 +141,9 @@ def plan(artifacts: list[dict], device: str = "auto", backend: str = "auto"):
             if reason:
                 skipped.append(f"{name} on {dev}: {reason}")
                 continue
-            candidates.extend((a, name, dev) for a in usable)
+            for a in usable:
+                if "verified_backends" in a and name not in a["verified_backends"]:
+                    skipped.append(f"{name} on {dev} ({a['name']}): failed its parity gate at export, not used")
+                else:
+                    candidates.append((a, name, dev))
     return candidates, skipped

@@ -92,7 +92,7 @@ def export(model_id: str, weights: str | Path | None = None, *, out: str | Path 
         model = build(spec, variant, seed=seed, **options)
         weights_info = {"source": "random", "seed": seed,
                         "warning": "RANDOM WEIGHTS: for testing the pipeline only, not a medical model"}
-    if labels is not None and not getattr(model, "head", None):
+    if labels is not None and not getattr(model, "head", None) and pre.get("kind") != "volume":
         raise UsageError("--labels given but this checkpoint has no classification head")
     out = Path(out or f"{model_id}-{variant}-{precision}{'-random' if random_weights else ''}.omedge")
 
@@ -128,6 +128,7 @@ def export(model_id: str, weights: str | Path | None = None, *, out: str | Path 
         reference = {k: v.numpy() for k, v in model(torch.from_numpy(verify_x)).items()}
     output_names = list(reference)
     task = "segmentation" if volume else ("classification" if "logits" in output_names else "embedding")
+    label_names = _labels(labels, spec, reference) if task != "embedding" else None
     phantom = None
     if volume:  # whole-volume check: the same pipeline with torch and with each artifact
         from ..runtime.volume import segment, synthetic_ct
@@ -175,7 +176,7 @@ def export(model_id: str, weights: str | Path | None = None, *, out: str | Path 
                       "layout": "NCTHW" if len(input_shape) == 5 else "NCHW"},
             "outputs": [{"name": k, "shape": [None, *v.shape[1:]]} for k, v in reference.items()],
             "primary_output": "logits" if task == "classification" else "embedding",
-            "labels": (labels or spec.labels) if task == "classification" else None,
+            "labels": label_names,
             "preprocess": pre,
             "onnx_export": onnx_info,
             "calibration": calib_info,
@@ -225,6 +226,17 @@ def _build_artifact(fmt, precision, onnx_fp32: Path, root: Path, input_name: str
     return art
 
 
+def _labels(given, spec, reference) -> list[str]:
+    """Class names for the head's outputs: --labels, else the spec's when they fit (a
+    fine-tuned or tiny head may have another count: then class_i)."""
+    n = reference["logits"].shape[1]
+    if given is not None:
+        if len(given) != n:
+            raise UsageError(f"--labels has {len(given)} names but the model has {n} outputs")
+        return list(given)
+    return list(spec.labels) if spec.labels and len(spec.labels) == n else [f"class_{i}" for i in range(n)]
+
+
 def _torch_runner(model):
     def run(batch):
         with torch.no_grad():
@@ -233,7 +245,22 @@ def _torch_runner(model):
 
 
 def _verify(art, root: Path, input_name, verify_x, reference, precision, volume=None) -> dict:
-    backend = "onnxruntime" if art["format"] == "onnx" else "openvino"
+    """Parity on every installed backend that can run the artifact. The runtime only
+    uses the backends listed in `verified_backends`, so what runs is what was measured.
+    The record shown is the first backend's that passed (else the first backend's)."""
+    from ..runtime.backend import FORMAT_BACKENDS, probe
+    results = {}
+    for backend in FORMAT_BACKENDS[art["format"]]:
+        if probe(backend)["installed"]:
+            results[backend] = _verify_on(backend, art, root, input_name, verify_x, reference, precision, volume)
+    art["verified_backends"] = [b for b, r in results.items() if r["passed"]]
+    chosen = dict(next((r for r in results.values() if r["passed"]), next(iter(results.values()))))
+    chosen["backends"] = {b: {"passed": r["passed"], "failures": r["failures"]} for b, r in results.items()}
+    chosen["passed"] = bool(art["verified_backends"])
+    return chosen
+
+
+def _verify_on(backend, art, root: Path, input_name, verify_x, reference, precision, volume) -> dict:
     # bf16 is verified even where this CPU only emulates it: slow, but the numbers are bf16's
     options = {**art["runtime"].get(backend, {}), "allow_emulated_bf16": True}
     runner = backend_class(backend)({"model": root / art["entry"]}, "cpu", options)

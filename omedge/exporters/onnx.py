@@ -36,7 +36,9 @@ def export_onnx(model, example: torch.Tensor, path: Path, input_name: str, outpu
     dynamic = {input_name: axes, **{n: dict(axes) for n in output_names}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_TupleOutputs(model.eval(), output_names), (example,), str(path),
+        # eval() on the wrapper too: the exporter restores the wrapper's mode afterwards,
+        # which would otherwise leave the model training (dropout on) for verification
+        torch.onnx.export(_TupleOutputs(model.eval(), output_names).eval(), (example,), str(path),
                           input_names=[input_name], output_names=output_names, dynamic_axes=dynamic,
                           opset_version=opset, dynamo=False, do_constant_folding=True)
     if external:

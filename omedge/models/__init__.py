@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import CheckpointError, UsageError
 from .spec import ModelSpec
 
-FAMILY_MODULES = ("brow", "pathoduet", "deblurring", "convmae", "endofm")
+FAMILY_MODULES = ("brow", "pathoduet", "deblurring", "convmae", "endofm", "stunet", "misfm")
 
 
 def all_specs() -> dict[str, ModelSpec]:

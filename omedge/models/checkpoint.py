@@ -22,15 +22,17 @@ SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".model", ".safetensors"}
 
 
 def _safe_globals():
+    """Plain data types only. numpy 2 renamed `numpy.core` to `numpy._core`; files pickled
+    under numpy 1 (the nnU-Net releases) name the old module, so both names are allowed."""
     allowed = [argparse.Namespace, np.dtype, np.ndarray]
-    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        try:
-            m = __import__(mod, fromlist=["scalar", "_reconstruct"])
-            allowed += [m.scalar, m._reconstruct]
-            break
-        except (ImportError, AttributeError):
-            continue
     allowed += [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
+    try:
+        import numpy._core.multiarray as multiarray
+        for fn in (multiarray.scalar, multiarray._reconstruct):
+            allowed += [fn, (fn, f"numpy.core.multiarray.{fn.__name__}")]
+    except (ImportError, AttributeError):  # numpy 1: the old names are the real ones
+        import numpy.core.multiarray as multiarray
+        allowed += [multiarray.scalar, multiarray._reconstruct]
     return allowed
 
 

@@ -173,6 +173,6 @@ def synthetic_ct(shape=(96, 96, 80), spacing=(1.5, 1.5, 1.5), seed: int = 0) -> 
         hu = rng.choice([60, 120, 250, 700])
         vol[((i - c[0]) / r[0]) ** 2 + ((j - c[1]) / r[1]) ** 2 + ((k - c[2]) / r[2]) ** 2 < 1] = hu
     vol[(i ** 2 + (j + 0.5) ** 2 < 0.02)] = 900  # a spine-like column
-    vol += rng.normal(0, 15, shape).astype(np.float32)
+    vol = np.round(vol + rng.normal(0, 15, shape)).astype(np.float32)  # integer HU, as scanners store
     affine = np.diag([*spacing, 1.0])
     return Volume(vol, affine, "synthetic CT phantom")

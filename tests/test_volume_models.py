@@ -1,0 +1,100 @@
+"""STU-Net / MIS-FM end to end: checkpoint -> bundle with whole-volume Dice parity ->
+NIfTI / DICOM in, NIfTI label map out on the input grid."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import omedge
+import omedge.models as models
+from omedge.bundle import read_manifest
+from omedge.errors import CheckpointError
+from omedge.io.volume import read_volume
+from omedge.runtime.volume import synthetic_ct
+from tests.test_volume_io import nifti, write_dicom_series
+
+
+@pytest.fixture(scope="module")
+def stunet_file(tmp_path_factory):
+    """nnU-Net v1 `.model` dict of a tiny STU-Net with 4 classes."""
+    spec = models.get_spec("stu-net")
+    sd = models.build(spec, "tiny", num_classes=4).state_dict()
+    path = tmp_path_factory.mktemp("stunet") / "tiny_ep4k.model"
+    torch.save({"epoch": 4000, "state_dict": sd, "optimizer_state_dict": {"state": {}, "param_groups": []},
+                "lr_scheduler_state_dict": None, "amp_grad_scaler": {"scale": 1024.0},
+                "plot_stuff": ([np.float64(0.5)], [np.float64(0.4)], [np.float64(0.8)], [np.float64(0.7)])}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stunet_bundle(tmp_path_factory, stunet_file):
+    out = tmp_path_factory.mktemp("stb") / "stunet"
+    # ONNX only: on this tiny random net OpenVINO's fp32 kernels drift past the fp32 gate
+    # (window cosine 0.99988, Dice 0.979 on a near-tied class), which the gate rightly refuses;
+    # at full size (STU-Net-B) OpenVINO agrees on 99.95% of voxels, see test_full_size
+    return omedge.export("stu-net", stunet_file, formats=["onnx"], labels=["bg", "liver", "kidney", "bone"],
+                         out=out)
+
+
+def test_bundle_records_whole_volume_dice(stunet_bundle):
+    m = read_manifest(stunet_bundle)
+    assert m["model"]["task"] == "segmentation" and m["labels"] == ["bg", "liver", "kidney", "bone"]
+    assert m["onnx_export"]["dynamic_axes"]["volume"] == {"0": "batch", "2": "depth", "3": "height", "4": "width"}
+    for art in m["artifacts"]:
+        dice = art["parity"]["volume_dice"]
+        assert art["parity"]["passed"] and dice["min"] >= 0.99 and dice["classes"] >= 1 and dice["gate"] == 0.99
+
+
+def test_predict_nifti_keeps_geometry_and_reports_volumes(stunet_bundle, tmp_path):
+    affine = np.array([[-1.2, 0, 0, 50.0], [0, 1.2, 0, -20.0], [0, 0, 2.0, 10.0], [0, 0, 0, 1]])
+    ct = nifti(tmp_path, synthetic_ct((70, 60, 40), seed=5).data, affine)
+    out = tmp_path / "ct_seg.nii.gz"
+    r = subprocess.run([sys.executable, "-m", "omedge.cli", "predict", str(stunet_bundle), str(ct), "-o", str(out),
+                        "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)["results"][0]
+    seg = read_volume(out)
+    assert seg.data.shape == (70, 60, 40) and np.allclose(seg.affine, affine)
+    assert set(res["volumes_ml"]) <= {"liver", "kidney", "bone"}
+    r = subprocess.run([sys.executable, "-m", "omedge.cli", "predict", str(stunet_bundle), str(ct), "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "already exists" in r.stderr
+    # the Python API gives the same label map as the file
+    p = omedge.load(stunet_bundle)
+    labels, _ = p.segment(ct)
+    np.testing.assert_array_equal(labels, seg.data.astype(labels.dtype))
+
+
+def test_predict_dicom_series_and_torch_parity(stunet_bundle, stunet_file, tmp_path):
+    hu = synthetic_ct((64, 64, 30), seed=7).data.round()
+    series = write_dicom_series(tmp_path / "series", hu)
+    p = omedge.load(stunet_bundle)
+    labels, vol = p.segment(series)
+    assert labels.shape == hu.shape
+    from omedge.runtime.volume import dice_per_class, segment
+    model = models.load(models.get_spec("stu-net"), stunet_file)[0]
+    ref = segment(vol, lambda b: model(torch.from_numpy(b))["logits"].detach().numpy(), p.manifest["preprocess"])
+    assert all(d > 0.99 for d in dice_per_class(ref, labels).values())
+
+
+def test_verify_reruns_the_volume_pipeline(stunet_bundle):
+    from omedge.verify import verify
+    report = verify(stunet_bundle)
+    assert report["passed"] and all(r["dice_min"] >= 0.99 for r in report["runs"])
+
+
+def test_wrong_variant_is_named(tmp_path, stunet_file):
+    with pytest.raises(CheckpointError, match="(?s)variant 'tiny', not 'B'"):
+        omedge.export("stu-net", stunet_file, variant="B", out=tmp_path / "x")
+
+
+def test_mis_fm_fmunet_bundle(tmp_path):
+    spec = models.get_spec("mis-fm")
+    sd = models.build(spec, "tiny", num_classes=3).state_dict()
+    torch.save({"iteration": 1000, "model_state_dict": sd, "optimizer_state_dict": {}}, tmp_path / "fmunet.pt")
+    b = omedge.export("mis-fm", tmp_path / "fmunet.pt", formats=["onnx"], out=tmp_path / "fm")
+    art = read_manifest(b)["artifacts"][0]
+    assert art["parity"]["passed"] and art["parity"]["volume_dice"]["min"] >= 0.99
