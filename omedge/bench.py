@@ -99,6 +99,40 @@ def worker_torch(model_id, variant, weights, seed, batch, runs, warmup, seconds,
             **_stats(times, batch), "peak_rss_mb": _peak_rss_mb(), "parity": parity}
 
 
+def worker_volume(bundle, artifact, backend, device, volume, threads, labels_out) -> dict:
+    from .runtime import load
+    p = load(bundle, device=device, backend=backend, threads=threads, artifact=artifact)
+    t = time.perf_counter()
+    labels, vol = p.segment(volume)
+    seconds = time.perf_counter() - t
+    np.save(labels_out, labels)
+    art = p.artifact
+    return {"variant": f"{art['format']} {art['precision']}", "artifact": art["name"], "runtime": p.describe(),
+            "size_mb": sum((Path(bundle) / f).stat().st_size for f in art["files"]) / 1e6, "seconds": seconds,
+            "voxels_per_s": float(np.prod(vol.data.shape)) / seconds, "peak_rss_mb": _peak_rss_mb()}
+
+
+def bench_volume(bundle, volume, device="cpu", threads=None, timeout=3600) -> list[dict]:
+    """Whole-volume segmentation time of every artifact x backend; Dice against the first."""
+    from .devices import plan
+    from .runtime.volume import dice_per_class
+    candidates, _ = plan(read_manifest(bundle)["artifacts"], device)
+    rows, first = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (art, backend, dev) in enumerate(candidates):
+            out = Path(tmp) / f"{i}.npy"
+            row = _run_worker(["worker-volume", str(bundle), art["name"], backend, dev, str(volume),
+                               str(threads or 0), str(out)], timeout)
+            row["backend"] = backend
+            if "error" not in row:
+                labels = np.load(out)
+                first = labels if first is None else first
+                dice = dice_per_class(first, labels)
+                row["dice_min_vs_first"] = min(dice.values()) if dice else 1.0
+            rows.append(row)
+    return rows
+
+
 def _run_worker(args: list[str], timeout: float) -> dict:
     cmd = [sys.executable, "-m", "omedge.bench", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -198,6 +232,9 @@ def main(argv: list[str]):
         bundle, artifact, backend, device, batch, runs, warmup, seconds, threads, mode = a
         out = worker_bundle(bundle, artifact, backend, device, int(batch), int(runs), int(warmup),
                             float(seconds), int(threads) or None, mode)
+    elif kind == "worker-volume":
+        bundle, artifact, backend, device, volume, threads, labels_out = a
+        out = worker_volume(bundle, artifact, backend, device, volume, int(threads) or None, labels_out)
     else:
         model_id, variant, weights, seed, batch, runs, warmup, seconds, threads, bundle = a
         out = worker_torch(model_id, variant, weights or None, int(seed), int(batch), int(runs), int(warmup),

@@ -290,8 +290,23 @@ def cmd_verify(args):
 
 
 def cmd_bench(args):
-    from .bench import add_ratios, bench_bundle, bench_model
+    from .bench import add_ratios, bench_bundle, bench_model, bench_volume
     target = Path(args.target)
+    if args.input:
+        if not target.is_dir():
+            raise UsageError("--input benchmarks a segmentation bundle: give the bundle folder")
+        with console.status("segmenting with each backend"), _library_output_to_stderr():
+            rows = bench_volume(target, args.input, device=args.device, threads=args.threads)
+        if args.json:
+            print(json.dumps(rows, indent=2, default=str))
+            return 0
+        table = [(r.get("variant", "?"), r.get("backend", ""), *(
+            [r["error"][:100], "", "", "", ""] if "error" in r else
+            [f"{r['size_mb']:.1f}", f"{r['seconds']:.1f}", f"{r['voxels_per_s'] / 1e6:.3f}", f"{r['peak_rss_mb']:.0f}",
+             f"{r['dice_min_vs_first']:.4f}"])) for r in rows]
+        out.print(_table(f"omedge bench {target.name} on {args.input}", ["variant", "backend", "size MB", "seconds",
+                         "Mvoxels/s", "peak RSS MB", "Dice min vs first"], table))
+        return 0
     with console.status("benchmarking") as status, _library_output_to_stderr():
         def log(msg):
             status.update(msg)
@@ -452,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", type=int, default=20)
     s.add_argument("--seconds", type=float, default=5.0, help="minimum timing time per variant")
     s.add_argument("--threads", type=int)
+    s.add_argument("--input", help="segmentation bundles: time whole-volume inference on this NIfTI / DICOM")
     s.add_argument("--throughput", action="store_true",
                    help="also measure with several requests in flight (OpenVINO streams)")
     s.add_argument("--json", action="store_true")

@@ -98,3 +98,64 @@ def test_mis_fm_fmunet_bundle(tmp_path):
     b = omedge.export("mis-fm", tmp_path / "fmunet.pt", formats=["onnx"], out=tmp_path / "fm")
     art = read_manifest(b)["artifacts"][0]
     assert art["parity"]["passed"] and art["parity"]["volume_dice"]["min"] >= 0.99
+
+
+def _plans(scheme="nonCT"):
+    from collections import OrderedDict
+    stage = {"current_spacing": np.array([2.0, 1.25, 1.25]), "patch_size": np.array([64, 96, 96]),
+             "pool_op_kernel_sizes": [[2, 2, 2]] * 4 + [[1, 1, 2]]}
+    return {"init": ("plans.pkl", 0, "out", "data", True, 1, True, False, True), "name": "STUNetTrainer_base",
+            "plans": {"plans_per_stage": {0: dict(stage), 1: stage}, "normalization_schemes": OrderedDict({0: scheme}),
+                      "dataset_properties": {"intensityproperties": {0: {
+                          "percentile_00_5": np.float64(-1000.0), "percentile_99_5": np.float64(1500.0),
+                          "mean": np.float64(80.0), "sd": np.float64(300.0)}}}}}
+
+
+def test_nnunet_plans_beside_the_checkpoint_set_the_preprocessing(tmp_path, stunet_file):
+    import pickle
+    import shutil
+    ckpt = tmp_path / "base_ep4k.model"
+    shutil.copy(stunet_file, ckpt)
+    with open(tmp_path / "base_ep4k.model.pkl", "wb") as f:
+        pickle.dump(_plans("CT"), f)
+    from omedge.models.nnunet_plans import preprocess_from_plans, read_plans
+    pre = preprocess_from_plans(read_plans(tmp_path / "base_ep4k.model.pkl"))
+    assert pre["target_spacing"] == [2.0, 1.25, 1.25] and pre["patch_size"] == [64, 96, 96]
+    assert pre["normalization"] == "ct_window" and pre["ct_window"] == [-1000.0, 1500.0, 80.0, 300.0]
+
+
+def test_plans_with_code_in_them_are_refused(tmp_path):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    with open(tmp_path / "x.model.pkl", "wb") as f:
+        pickle.dump({"plans": Evil()}, f)
+    from omedge.models.nnunet_plans import read_plans
+    with pytest.raises(CheckpointError, match="not plain data"):
+        read_plans(tmp_path / "x.model.pkl")
+
+
+def test_int8_calibrated_on_a_folder_of_volumes(tmp_path, stunet_file):
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    for i in range(3):
+        nifti(folder, synthetic_ct((80, 80, 64), seed=20 + i).data, np.diag([1.5, 1.5, 1.5, 1]), f"ct{i}.nii.gz")
+    b = omedge.export("stu-net", stunet_file, formats=["openvino"], precision="int8", calib=folder,
+                      out=tmp_path / "q", force=True)
+    m = read_manifest(b)
+    assert m["calibration"] == {"source": "folder", "folder": str(folder), "samples": 2}
+    assert m["verification"]["held_out_calibration_images"] == ["ct2.nii.gz"]
+    assert "volume_dice" in m["artifacts"][0]["parity"]
+
+
+def test_bench_on_a_volume(stunet_bundle, tmp_path):
+    ct = nifti(tmp_path, synthetic_ct((64, 64, 48), seed=9).data, np.diag([1.5, 1.5, 1.5, 1]))
+    r = subprocess.run([sys.executable, "-m", "omedge.cli", "bench", str(stunet_bundle), "--input", str(ct), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)
+    assert rows and all(row["seconds"] > 0 and row["peak_rss_mb"] > 10 for row in rows)
+    assert rows[0]["dice_min_vs_first"] == 1.0

@@ -82,6 +82,11 @@ def export(model_id: str, weights: str | Path | None = None, *, out: str | Path 
                          "pass --weights PATH (the official checkpoint), or --random-weights for a demo")
     if out is not None:
         bundle_path(out, overwrite)  # fail before the slow part
+    plans_file = Path(str(weights) + ".pkl") if weights is not None else None
+    if plans_file is not None and plans_file.is_file() and pre.get("kind") == "volume":
+        from ..models.nnunet_plans import preprocess_from_plans, read_plans
+        log(f"reading the nnU-Net plans {plans_file.name}")
+        pre = {**pre, **preprocess_from_plans(read_plans(plans_file))}
     if weights is not None:
         log(f"loading {Path(weights).name}")
         model, variant, options = load(spec, weights, variant, trust=trust_checkpoint, **build_options)
