@@ -72,7 +72,7 @@ def test_full_size_parameter_count_and_structure():
     assert sd["pred_heads.2.out_conv1.conv.2.weight"].shape == (5, 48, 1, 1, 1)
     assert len(model.pyramid_ct.convtrans_e3.trans.blocks) == 2
     assert [b.shift for b in model.pyramid_ct.convtrans_e2.trans.blocks] == [0, 3]
-    assert model.pyramid_ct.convtrans_e2.trans.blocks[1].attn_mask.shape == (216, 216, 216)  # 6^3 windows of 36^3
+    assert model.pyramid_ct.convtrans_e2.trans.blocks[1].mask_s.shape == (6, 216, 216)  # 6 windows along 36
 
 
 def test_relative_position_index_follows_the_official_flattening():
@@ -83,6 +83,23 @@ def test_relative_position_index_follows_the_official_flattening():
     expected = [[(a[0] - b[0] + w - 1) * (3 * w - 1) + (a[1] - b[1] + w - 1) * (2 * w - 1) + (a[2] - b[2] + w - 1)
                  for b in cells] for a in cells]
     assert attn.relative_position_index.tolist() == expected
+
+
+def test_per_axis_shift_masks_match_the_dense_official_mask():
+    """Official SW-MSA mask: label 27 regions of the padded grid (bands [0, P-w), [P-w, P-s),
+    [P-s, P) per axis), split into windows; -100 where labels differ. Ours must mask the
+    same pairs (it adds -100 per differing axis instead of once)."""
+    block = misfm.SwinBlock3D(8, (10, 8, 14), num_heads=2, window=6, shift=3)
+    assert (block.window, block.shift, block.padded) == (6, 3, (12, 12, 18))
+    labels = torch.zeros(block.padded)
+    bands = (slice(0, -6), slice(-6, -3), slice(-3, None))
+    for i, (a, b, c) in enumerate(itertools.product(bands, bands, bands)):
+        labels[a, b, c] = i
+    windows = labels.reshape(2, 6, 2, 6, 3, 6).permute(0, 2, 4, 1, 3, 5).reshape(12, 216)
+    dense = windows[:, :, None] != windows[:, None, :]
+    ours = (block.mask_s[:, None, None] + block.mask_h[None, :, None] + block.mask_w[None, None, :]).reshape(12, 216, 216)
+    assert torch.equal(ours != 0, dense)
+    assert set(ours.unique().tolist()) <= {0.0, -100.0, -200.0, -300.0}
 
 
 def test_pymic_file_loads_strictly_and_segments(tmp_path):
@@ -103,7 +120,7 @@ def test_pymic_file_loads_strictly_and_segments(tmp_path):
 def test_resolution_mode_0_is_read_from_the_window_table(tmp_path):
     torch.save(pymic_dict(tiny_state_dict(resolution_mode=0)), tmp_path / "mode0.pt")
     model, variant, options = models.load(SPEC, tmp_path / "mode0.pt")
-    assert options["resolution_mode"] == 0 and model.resolution_mode == 0
+    assert variant == "tiny" and options["resolution_mode"] == 0 and model.resolution_mode == 0
     assert model.pyramid_ct.convtrans_e4.trans.blocks[1].window == 4  # coarsest level 4x8x8
 
 
@@ -118,6 +135,7 @@ def test_only_the_fixed_input_size_is_accepted():
 def test_onnx_export_static_spatial_dynamic_batch(tmp_path):
     import onnx
     import onnxruntime as ort
+
     from omedge.exporters.onnx import export_onnx
 
     model = loaded_tiny(seed=3).eval()

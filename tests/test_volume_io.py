@@ -85,7 +85,6 @@ def test_bad_volumes_are_refused(tmp_path, data, affine, match):
 
 def write_dicom_series(folder, volume_hu, spacing=(0.7, 0.7, 2.0), uid="1.2.3.4", skip=(), desc="CT"):
     """A CT series written with pydicom: one file per slice, shuffled names."""
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
     folder.mkdir(parents=True, exist_ok=True)

@@ -159,3 +159,18 @@ def test_bench_on_a_volume(stunet_bundle, tmp_path):
     rows = json.loads(r.stdout)
     assert rows and all(row["seconds"] > 0 and row["peak_rss_mb"] > 10 for row in rows)
     assert rows[0]["dice_min_vs_first"] == 1.0
+
+
+def test_pct_net_fixed_size_bundle(tmp_path):
+    """PCT-Net takes only 64x128x128: its ONNX keeps the spatial axes static and the
+    sliding window feeds exactly that window."""
+    spec = models.get_spec("mis-fm-pctnet")
+    sd = models.build(spec, "tiny", num_classes=3).state_dict()
+    torch.save({"iteration": 500, "model_state_dict": sd, "optimizer_state_dict": {}}, tmp_path / "pctnet.pt")
+    b = omedge.export("mis-fm-pctnet", tmp_path / "pctnet.pt", formats=["onnx"], out=tmp_path / "pct")
+    m = read_manifest(b)
+    assert m["onnx_export"]["dynamic_axes"]["volume"] == {"0": "batch"}
+    assert m["artifacts"][0]["parity"]["passed"]
+    labels, vol = omedge.load(b).segment(nifti(tmp_path, synthetic_ct((70, 50, 40), seed=3).data,
+                                               np.diag([1.0, 1.0, 2.0, 1])))
+    assert labels.shape == vol.data.shape

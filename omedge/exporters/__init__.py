@@ -149,7 +149,7 @@ def export(model_id: str, weights: str | Path | None = None, *, out: str | Path 
         log("exporting ONNX (fp32)")
         onnx_fp32 = work / "model.onnx"
         onnx_info = export_onnx(model, torch.from_numpy(verify_x[:1]), onnx_fp32, spec.input_name, output_names,
-                                spatial_dynamic=volume)
+                                spatial_dynamic=volume and any(d is None for d in input_shape[2:]))
         artifacts = []
         for fmt in formats:
             log(f"building {fmt} {precision}")

@@ -22,8 +22,6 @@ spec below ('mis-fm-pctnet'); its layout is described above `PCTNet`.
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -164,7 +162,7 @@ Conv blocks are pre-activation BatchNorm3d -> PReLU -> conv, with no shortcut:
   with a relative position bias table, then a 4x GELU MLP. Windows are cubes of 6 (or
   the level's smallest side when that is <= 6, then unshifted); the levels are padded
   with zeros to multiples of the window after norm1, and the shift mask (-100) ignores
-  the padding, as in the official code.
+  the padding, as in the official code (the mask is stored per axis: see SwinBlock3D).
 - Deep-supervision heads out_conv1 (pred head), out_conv2/out_conv3 (pyramid) exist in
   the files; inference uses pred_heads[mode].out_conv0 (full resolution) only.
 - The LayerNorm `norm_layer` of each ConvTransBlock is never applied by the official
@@ -175,7 +173,7 @@ so the network only accepts that spatial size; batch may vary.
 PCT_INPUT_SIZE = (64, 128, 128)
 # variant -> (feature_chns of the 5 levels, Swin depths and heads of the 3 coarse levels)
 PCT_SIZES = {"base": ((24, 48, 128, 256, 512), (2, 2, 2), (4, 8, 16)),  # demo/pctnet_*.cfg
-             "tiny": ((4, 8, 16, 32, 64), (2, 2, 2), (2, 4, 8))}
+             "tiny": ((4, 8, 8, 16, 32), (2, 2, 2), (1, 2, 4))}
 PCT_WINDOW = 6
 PCT_MODE = 1  # resolution_mode of the official configs (demo/pctnet_pretrain.cfg)
 # resolution_mode -> (conv dims of levels 0/1, pooling dims of down1/down2, total downscale to level 2)
@@ -261,14 +259,17 @@ class WindowAttention3D(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None):
+    def forward(self, x, masks=None):
         n, c, heads = self.tokens, x.shape[-1], self.num_heads
         q, k, v = self.qkv(x).reshape(-1, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
         attn = attn + bias.reshape(n, n, heads).permute(2, 0, 1).unsqueeze(0)
-        if mask is not None:  # (windows per volume, n, n): added per volume of the batch
-            attn = (attn.reshape(-1, mask.shape[0], heads, n, n) + mask[None, :, None]).reshape(-1, heads, n, n)
+        if masks is not None:  # per-axis shift masks (windows along s / h / w, n, n), see SwinBlock3D
+            ms, mh, mw = masks
+            attn = attn.reshape(-1, ms.shape[0], mh.shape[0], mw.shape[0], heads, n, n)
+            attn = attn + ms[:, None, None, None] + mh[None, :, None, None] + mw[None, None, :, None]
+            attn = attn.reshape(-1, heads, n, n)
         x = attn.softmax(dim=-1).matmul(v).transpose(1, 2).reshape(-1, n, c)
         return self.proj(x)
 
@@ -285,20 +286,27 @@ class SwinBlock3D(nn.Module):
         self.attn = WindowAttention3D(dim, window, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = SwinMlp(dim, int(dim * mlp_ratio))
-        # Fixed for the fixed input size, so not in the official state_dict: non-persistent.
-        self.register_buffer("attn_mask", self._shift_mask() if shift else None, persistent=False)
+        # Shifted-window mask, fixed by the input size (so not in the official files). The
+        # official mask is one dense (windows, n, n) table, -100 where two tokens of a window
+        # come from different regions of the cyclic shift (the region differs along at least
+        # one axis). Here it is kept per axis and the three are added: -100 per differing
+        # axis instead of -100 once. After the softmax either is exp(-100) ~ 4e-44 of the
+        # weight of the token itself (always unmasked), so the results agree to float32
+        # precision, and the ONNX graph stores 3 x (windows per axis, n, n) values instead
+        # of windows^3 x n x n (e.g. 3.5 MB instead of 40 MB per shifted block at 36^3).
+        for axis, name in enumerate(("s", "h", "w")):
+            self.register_buffer(f"mask_{name}", self._axis_mask(axis) if shift else None, persistent=False)
 
-    def _shift_mask(self):
-        """Label the 3 x 3 x 3 regions that the cyclic shift brings together (padded grid);
-        tokens of different regions in one window must not attend (-100)."""
-        w, s = self.window, self.shift
-        labels = torch.zeros(self.padded)
-        bands = (slice(0, -w), slice(-w, -s), slice(-s, None))
-        for i, (a, b, c) in enumerate(itertools.product(bands, bands, bands)):
-            labels[a, b, c] = i
-        labels = self._windows(labels[None, ..., None]).squeeze(-1)  # (windows, w^3)
-        diff = labels[:, None, :] - labels[:, :, None]
-        return torch.where(diff != 0, torch.full_like(diff, -100.0), torch.zeros_like(diff))
+    def _axis_mask(self, axis: int):
+        """(windows along `axis`, w^3, w^3): -100 where tokens i, j of a window lie in different
+        bands [0, P - w), [P - w, P - shift), [P - shift, P) of the padded axis (length P)."""
+        w, s, size = self.window, self.shift, self.padded[axis]
+        coord = torch.arange(size)
+        band = (coord >= size - w).long() + (coord >= size - s).long()
+        cells = torch.stack(torch.meshgrid(*[torch.arange(w)] * 3, indexing="ij")).flatten(1)[axis]  # (n,)
+        token_band = band.reshape(size // w, w)[:, cells]  # (windows along axis, n)
+        differ = token_band[:, :, None] != token_band[:, None, :]
+        return torch.where(differ, torch.full(differ.shape, -100.0), torch.zeros(differ.shape))
 
     def _windows(self, x):
         """(B, S, H, W, C) padded grid -> (B * windows, w^3, C), windows in (s, h, w) order."""
@@ -319,7 +327,8 @@ class SwinBlock3D(nn.Module):
             y = F.pad(y, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
         if self.shift:
             y = torch.roll(y, shifts=(-self.shift,) * 3, dims=(1, 2, 3))
-        y = self._unwindows(self.attn(self._windows(y), self.attn_mask))
+        masks = (self.mask_s, self.mask_h, self.mask_w) if self.shift else None
+        y = self._unwindows(self.attn(self._windows(y), masks))
         if self.shift:
             y = torch.roll(y, shifts=(self.shift,) * 3, dims=(1, 2, 3))
         if any(pads):
