@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import CheckpointError
 from .checkpoint import drop, strip_prefix, unwrap
 from .deblurring import SPECS as MAE_SPECS
+from .deblurring import head_options
 from .spec import ModelSpec
 from .vit import Block, _init_weights, sincos_pos_embed
 
@@ -125,12 +126,7 @@ def remap(raw):
     if "patch_embed4.weight" not in sd:
         raise CheckpointError("checkpoint has no patch_embed4: not a ConvMAE / ConvViT encoder")
     sd = drop(sd, r"decoder_", r"mask_token$", r"stage[12]_output_decode\.")
-    if "head.weight" in sd and "fc_norm.weight" in sd:
-        return sd, {"num_classes": int(sd["head.weight"].shape[0])}
-    if "head.weight" in sd:
-        raise CheckpointError("checkpoint has a classification head but no fc_norm: not a DeblurringMIM "
-                              "fine-tuned ConvViT classifier (global_pool=True)")
-    return sd, {}
+    return sd, head_options(sd, "ConvViT classifier (global_pool=True)")
 
 
 SPECS = [ModelSpec(

@@ -16,15 +16,20 @@ def build(variant: str, num_classes: int = 0):
                              fixed_pos="mae", num_classes=num_classes)
 
 
+def head_options(sd: dict, what: str) -> dict:
+    """A fine-tuned DeblurringMIM classifier has `fc_norm` + `head`; a pretraining file neither."""
+    if "head.weight" in sd and "fc_norm.weight" in sd:
+        return {"num_classes": int(sd["head.weight"].shape[0])}
+    if "head.weight" in sd:
+        raise CheckpointError(f"checkpoint has a classification head but no fc_norm: not a DeblurringMIM "
+                              f"fine-tuned {what}")
+    return {}
+
+
 def remap(raw):
     sd = strip_prefix(unwrap(raw, ("model", "state_dict")), "module.")
     sd = drop(sd, r"decoder_", r"mask_token$")
-    if "head.weight" in sd and "fc_norm.weight" in sd:
-        return sd, {"num_classes": int(sd["head.weight"].shape[0])}
-    if "head.weight" in sd:
-        raise CheckpointError("checkpoint has a classification head but no fc_norm: "
-                              "not a DeblurringMIM fine-tuned classifier")
-    return sd, {}
+    return sd, head_options(sd, "classifier")
 
 
 SPECS = [ModelSpec(
