@@ -67,11 +67,12 @@ def cmd_devices(args):
     rows = []
     for name, p in inv["backends"].items():
         if not p["installed"]:
-            rows.append((name, "-", "no", f"{p['reason']}; {p['hint']}"))
+            rows.append((name, "-", "-", "no", f"{p['reason']}; {p['hint']}"))
             continue
         for dev, reason in p["devices"].items():
-            rows.append((name, p["version"], "yes" if reason is None else "no", reason or ""))
-    out.print(_table("backends x devices", ["backend", "version", "can run", "why not / what to install"], rows))
+            rows.append((name, p["version"].split("-")[0], dev, "yes" if reason is None else "no", reason or ""))
+    out.print(_table("backends x devices", ["backend", "version", "device", "can run", "why not / what to install"],
+                     rows))
     for name, p in inv["backends"].items():
         if p.get("warning"):
             out.print(f"[bold yellow]warning[/bold yellow] ({name}): {p['warning']}")
@@ -279,7 +280,7 @@ def cmd_verify(args):
                      f"{r['top8_logit_max_abs']:.3g}", r["result"]) for r in report["runs"]]
             cols = ["artifact", "backend", "device", "argmax agreement", "gate", "top-8 logit max abs", "result"]
         else:
-            rows = [(r["artifact"], r["backend"], r["device"], r.get("inference_precision", "-"),
+            rows = [(r["artifact"], r["backend"], r["device"], r.get("inference_precision") or "-",
                      r.get("cosine_min", "-"), r.get("top1_agreement", r.get("dice_min", "-")), r["result"])
                     for r in report["runs"]]
             cols = ["artifact", "backend", "device", "exec precision", "cosine min", "top-1 / Dice", "result"]
@@ -384,7 +385,8 @@ def bench_table(rows, batch):
                       (f" ({rt['inference_precision']}, {rt['streams']} stream{'s' * (rt['streams'] > 1)})"
                        if rt.get("inference_precision") else ""),
                       f"{r['size_mb']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
-                      f"{r['throughput']:.2f}", f"{r.get('speedup_vs_torch', 0):.2f}x",
+                      f"{r['throughput']:.2f}",
+                      f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-",
                       f"{r['peak_rss_mb']:.0f}", ptxt))
     return _table(f"omedge bench (batch {batch})", ["variant", "runs on", "size MB", "p50 ms", "p99 ms",
                   "items/s", "vs torch", "peak RSS MB", "parity"], table)

@@ -131,8 +131,9 @@ def plan(artifacts: list[dict], device: str = "auto", backend: str = "auto"):
             # prefer the backend's own format (OpenVINO IR over ONNX for openvino)
             usable.sort(key=lambda a: a["format"] != name)
             if not usable:
-                skipped.append(f"{name} on {dev}: the bundle has no format it runs "
-                               f"({', '.join(sorted({a['format'] for a in artifacts}))})")
+                if backend != "auto":  # only worth saying when this backend was asked for
+                    skipped.append(f"{name} on {dev}: the bundle has no format it runs "
+                                   f"({', '.join(sorted({a['format'] for a in artifacts}))})")
                 continue
             if not p["installed"]:
                 skipped.append(f"{name} on {dev}: {p['reason']} -> {p['hint']}")
