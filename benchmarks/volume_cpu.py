@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--shape", default="256,256,160")
     ap.add_argument("--formats", default="openvino")
     ap.add_argument("--calib-size", type=int, default=4)
+    ap.add_argument("--precision", default="int8", help="fp32, fp16, bf16, int8")
     ap.add_argument("--json")
     args = ap.parse_args()
     import omedge
@@ -61,8 +62,9 @@ def main():
         np.savez(tmp / "ct.npz", ct=ct.data, affine=ct.affine)
         t = time.perf_counter()
         bundle = omedge.export("stu-net", random_weights=True, variant="B", formats=args.formats.split(","),
-                               precision="int8", calib="synthetic", calib_size=args.calib_size,
-                               out=tmp / "stunet-b-int8", force=True, log=print)
+                               precision=args.precision, calib="synthetic" if args.precision == "int8" else None,
+                               calib_size=args.calib_size, out=tmp / f"stunet-b-{args.precision}", force=True,
+                               log=print)
         print(f"export took {time.perf_counter() - t:.0f} s")
         pre = read_manifest(bundle)["preprocess"]
         runs = [("torch fp32 eager", "torch", "-")]
