@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 import omedge.models as models
 from omedge.errors import CheckpointError
+from omedge.exporters.onnx import export_onnx
 from omedge.models import convmae, deblurring
 
 SPEC = convmae.SPECS[0]
@@ -144,19 +145,8 @@ def test_onnx_export_matches_torch(tmp_path):
     model = convmae.build("tiny", num_classes=2).eval()
     model.load_state_dict(random_sd(seed=5, num_classes=2), strict=True)
 
-    class Outputs(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            out = self.inner(x)
-            return out["embedding"], out["logits"]
-
     path = tmp_path / "convmae.onnx"
-    torch.onnx.export(Outputs(model), (torch.randn(1, 3, 224, 224),), str(path), dynamo=False, opset_version=17,
-                      input_names=[SPEC.input_name], output_names=["embedding", "logits"],
-                      dynamic_axes={SPEC.input_name: {0: "batch"}})
+    export_onnx(model, torch.randn(1, 3, 224, 224), path, SPEC.input_name, ["embedding", "logits"])
     x = torch.randn(3, 3, 224, 224)
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {SPEC.input_name: x.numpy()})
     with torch.no_grad():

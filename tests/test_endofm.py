@@ -8,6 +8,7 @@ import torch
 
 import omedge.models as models
 from omedge.errors import CheckpointError, InputError
+from omedge.exporters.onnx import export_onnx
 from omedge.models import endofm
 
 SPEC = endofm.SPECS[0]
@@ -153,20 +154,9 @@ def test_onnx_export_matches_torch(tmp_path):
     model = endofm.build("tiny", num_classes=2).eval()
     model.load_state_dict(sd, strict=True)
 
-    class Outputs(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            out = self.inner(x)
-            return out["embedding"], out["logits"]
-
     video = torch.randn(CLIP)
     path = tmp_path / "endofm.onnx"
-    torch.onnx.export(Outputs(model), (video,), str(path), dynamo=False, opset_version=17,
-                      input_names=[SPEC.input_name], output_names=["embedding", "logits"],
-                      dynamic_axes={SPEC.input_name: {0: "batch"}})
+    export_onnx(model, video, path, SPEC.input_name, ["embedding", "logits"])
     batch = torch.randn(2, *CLIP[1:])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {SPEC.input_name: batch.numpy()})

@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from omedge import models
 from omedge.errors import CheckpointError, InputError
+from omedge.exporters.onnx import export_onnx
 from omedge.models import misfm
 
 SPEC = misfm.SPECS[0]
@@ -172,19 +173,8 @@ def test_onnx_export_with_dynamic_spatial_axes(tmp_path):
     model = misfm.build("tiny").eval()
     model.load_state_dict(tiny_state_dict(seed=3), strict=True)
 
-    class Logits(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x)["logits"]
-
     path = tmp_path / "fmunet.onnx"
-    torch.onnx.export(Logits(model).eval(), (torch.randn(VOLUME),), str(path), dynamo=False, opset_version=17,
-                      input_names=[SPEC.input_name], output_names=["logits"],
-                      dynamic_axes={SPEC.input_name: {0: "batch", 2: "depth", 3: "height", 4: "width"},
-                                    "logits": {0: "batch", 2: "depth", 3: "height", 4: "width"}})
+    export_onnx(model, torch.randn(VOLUME), path, SPEC.input_name, ["logits"], spatial_dynamic=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for shape in (VOLUME, (2, 1, 48, 32, 32)):
         x = torch.randn(shape)

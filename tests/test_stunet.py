@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from omedge import models
 from omedge.errors import CheckpointError, InputError
+from omedge.exporters.onnx import export_onnx
 from omedge.models import stunet
 
 SPEC = stunet.SPECS[0]
@@ -258,19 +259,8 @@ def test_onnx_export_with_dynamic_spatial_axes(tmp_path):
     model = stunet.build("tiny", num_classes=CLASSES).eval()
     model.load_state_dict(sd, strict=True)
 
-    class Logits(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x)["logits"]
-
     path = tmp_path / "stunet.onnx"
-    torch.onnx.export(Logits(model).eval(), (torch.randn(VOLUME),), str(path), dynamo=False, opset_version=17,
-                      input_names=[SPEC.input_name], output_names=["logits"],
-                      dynamic_axes={SPEC.input_name: {0: "batch", 2: "depth", 3: "height", 4: "width"},
-                                    "logits": {0: "batch", 2: "depth", 3: "height", 4: "width"}})
+    export_onnx(model, torch.randn(VOLUME), path, SPEC.input_name, ["logits"], spatial_dynamic=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for shape in (VOLUME, (2, 1, 48, 32, 64)):
         x = torch.randn(shape)
