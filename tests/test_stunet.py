@@ -269,3 +269,30 @@ def test_onnx_export_with_dynamic_spatial_axes(tmp_path):
             expected = model(x)["logits"].numpy()
         assert got.shape == (shape[0], CLASSES, *shape[2:])
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_per_tensor_weight_files_are_gathered_into_one(tmp_path):
+    """Past 2 GB torch writes one weights file per tensor; the bundle gets one `.data`
+    file with the same numbers (what STU-Net-H's export goes through)."""
+    import onnx
+    import onnxruntime as ort
+
+    from omedge.exporters.onnx import gather_external_data
+    model = stunet.build("tiny", num_classes=CLASSES).eval()
+    model.load_state_dict(tiny_state_dict(seed=5), strict=True)
+    export_onnx(model, torch.randn(VOLUME), tmp_path / "inline.onnx", SPEC.input_name, ["logits"],
+                spatial_dynamic=True)
+    torch_layout = tmp_path / "per_tensor"
+    torch_layout.mkdir()
+    onnx.save_model(onnx.load(str(tmp_path / "inline.onnx")), str(torch_layout / "model.onnx"),
+                    save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=1024)
+    assert len(list(torch_layout.iterdir())) > 20
+    out = tmp_path / "gathered"
+    out.mkdir()
+    files = gather_external_data(torch_layout / "model.onnx", out / "model.onnx")
+    assert files == [out / "model.onnx", out / "model.onnx.data"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+    x = np.random.default_rng(1).standard_normal(VOLUME).astype(np.float32)
+    expected = ort.InferenceSession(str(tmp_path / "inline.onnx")).run(None, {SPEC.input_name: x})[0]
+    got = ort.InferenceSession(str(out / "model.onnx")).run(None, {SPEC.input_name: x})[0]
+    np.testing.assert_array_equal(got, expected)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ from ..models import build, get_spec, load
 from ..parity import compare, gates_for
 from ..quantize.calibration import folder_inputs, split_holdout, synthetic_inputs
 from ..runtime.backend import backend_class
-from .onnx import export_onnx
+from .onnx import export_onnx, onnx_files, onnx_load, save_onnx
 
 FORMATS = ("onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-dynamic")
@@ -204,16 +205,18 @@ def _build_artifact(fmt, precision, onnx_fp32: Path, root: Path, input_name: str
     if fmt == "onnx":
         dst = root / ("model.onnx" if precision == "fp32" else f"model-{precision}.onnx")
         if precision == "fp32":
-            os.link(onnx_fp32, dst) if _same_fs(onnx_fp32, dst) else dst.write_bytes(onnx_fp32.read_bytes())
+            for src in onnx_files(onnx_fp32):  # the model and, past 2 GB, its weights file
+                target = dst.with_name(src.name.replace(onnx_fp32.name, dst.name))
+                os.link(src, target) if _same_fs(src, target) else shutil.copyfile(src, target)
         elif precision == "fp16":
-            import onnx
             from onnxruntime.transformers.float16 import convert_float_to_float16
-            onnx.save(convert_float_to_float16(onnx.load(str(onnx_fp32)), keep_io_types=True), str(dst))
+            save_onnx(convert_float_to_float16(onnx_load(onnx_fp32), keep_io_types=True), dst)
         elif precision == "int8":
             art["quantization"] = onnx_int8.quantize_static(onnx_fp32, dst, input_name, calib_x)
         else:
             art["quantization"] = onnx_int8.quantize_dynamic(onnx_fp32, dst)
-        art.update(entry=dst.name, files=[dst.name], runtime={"onnxruntime": {}, "openvino": {
+        files = [f.name for f in onnx_files(dst)]
+        art.update(entry=dst.name, files=files, runtime={"onnxruntime": {}, "openvino": {
             "inference_precision": "f32"}})
         return art
     ov_model = ovx.convert(onnx_fp32)
@@ -290,5 +293,4 @@ def _same_fs(a: Path, b: Path) -> bool:
 
 
 def _remove_tree(path: Path):
-    import shutil
     shutil.rmtree(path, ignore_errors=True)

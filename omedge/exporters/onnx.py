@@ -3,6 +3,8 @@ the image encoders: it is fast, gives plain MatMul/Softmax attention nodes that 
 quantizers handle, and its graph is stable across torch releases."""
 from __future__ import annotations
 
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,10 +28,14 @@ class _TupleOutputs(torch.nn.Module):
 
 def export_onnx(model, example: torch.Tensor, path: Path, input_name: str, output_names: list[str],
                 opset: int = OPSET, spatial_dynamic: bool = False) -> dict:
-    """Write `path` (plus `path.data` when the weights pass 2 GB); return a record for
-    the manifest. spatial_dynamic: volumes of any size (fully convolutional nets)."""
+    """Write `path` (plus `path.data` when the weights pass 2 GB, e.g. STU-Net-H); return
+    a record for the manifest. spatial_dynamic: volumes of any size (fully convolutional nets)."""
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = n_bytes > EXTERNAL_DATA_LIMIT
+    # Past 2 GB torch writes one file per tensor beside the model: export into a scratch
+    # folder, then gather the weights into the single `<name>.data` file the bundle lists.
+    scratch = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=path.parent)) if external else None
+    target = scratch / path.name if external else path
     axes = {0: "batch"}
     if spatial_dynamic:
         axes.update({2: "depth", 3: "height", 4: "width"})
@@ -38,13 +44,79 @@ def export_onnx(model, example: torch.Tensor, path: Path, input_name: str, outpu
         warnings.simplefilter("ignore")
         # eval() on the wrapper too: the exporter restores the wrapper's mode afterwards,
         # which would otherwise leave the model training (dropout on) for verification
-        torch.onnx.export(_TupleOutputs(model.eval(), output_names).eval(), (example,), str(path),
+        torch.onnx.export(_TupleOutputs(model.eval(), output_names).eval(), (example,), str(target),
                           input_names=[input_name], output_names=output_names, dynamic_axes=dynamic,
                           opset_version=opset, dynamo=False, do_constant_folding=True)
     if external:
-        import onnx
-        m = onnx.load(str(path))
-        onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
+        try:
+            gather_external_data(target, path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return {"exporter": "torch.onnx (TorchScript)", "opset": opset, "external_data": external,
             "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in dynamic.items()}}
+
+
+def gather_external_data(src: Path, dst: Path) -> list[Path]:
+    """Write `dst` and one `dst.data` holding every weight of `src`. Weights that live in
+    files beside `src` (torch writes one per tensor past 2 GB) are copied one tensor at a
+    time, so a 5.8 GB model is never held in memory whole; inline weights are moved out."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+    model = onnx.load(str(src), load_external_data=False)
+    tensors = list(model.graph.initializer)
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):
+        return save_onnx(onnx.load(str(src)), dst, external=True)  # under 2 GB: in memory is fine
+    data = dst.with_name(dst.name + ".data")
+    with open(data, "wb") as out:
+        for t in tensors:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = ExternalDataInfo(t)
+                with open(src.parent / info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    payload = f.read(info.length) if info.length else f.read()
+            elif len(t.raw_data) >= 1024:
+                payload = t.raw_data
+            else:
+                continue  # small tensors stay in the graph, as onnx.save_model leaves them
+            out.write(b"\0" * (-out.tell() % 4096))  # page-aligned, so runtimes can mmap
+            offset = out.tell()
+            out.write(payload)
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            for key, value in (("location", data.name), ("offset", offset), ("length", len(payload))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, str(value)
+            t.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(model, str(dst))
+    return [dst, data]
+
+
+def onnx_load(path: Path):
+    import onnx
+    return onnx.load(str(path))  # with its external data, read from beside the file
+
+
+def save_onnx(model, path: Path, external: bool | None = None) -> list[Path]:
+    """Save an ONNX model; its weights go to `<name>.data` beside it when asked or when
+    the model would pass protobuf's 2 GB. Returns the files written."""
+    import onnx
+    if external is None:
+        external = model.ByteSize() > EXTERNAL_DATA_LIMIT
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return [path, data]
+    onnx.save_model(model, str(path))
+    return [path]
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The model file and, for a model with external weights, its data file."""
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.exists() else [path]
+
+
+def uses_external_data(path: Path) -> bool:
+    return len(onnx_files(path)) > 1

@@ -37,14 +37,17 @@ def _reader(input_name: str, samples: np.ndarray):
 def quantize_static(src: Path, dst: Path, input_name: str, calib: np.ndarray) -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static as qs
     from onnxruntime.quantization.shape_inference import quant_pre_process
+    from ..exporters.onnx import uses_external_data
+    large = uses_external_data(src)  # > 2 GB: every intermediate keeps its weights beside it
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=large,
+                          all_tensors_to_one_file=True, external_data_location="pre.onnx.data")
         excluded = _activation_matmuls(onnx.load(str(pre), load_external_data=False))
         qs(str(pre), str(dst), _reader(input_name, calib), quant_format=QuantFormat.QDQ, per_channel=True,
            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
            op_types_to_quantize=["MatMul", "Gemm", "Conv"], nodes_to_exclude=excluded,
-           calibrate_method=CalibrationMethod.MinMax)
+           calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large)
     return {"method": "onnxruntime static QDQ", "activations": "uint8 per-tensor (MinMax)",
             "weights": "int8 per-channel", "calibration_samples": int(len(calib)),
             "float_nodes": f"{len(excluded)} activation x activation MatMuls"}
@@ -52,6 +55,8 @@ def quantize_static(src: Path, dst: Path, input_name: str, calib: np.ndarray) ->
 
 def quantize_dynamic(src: Path, dst: Path) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic as qd
-    qd(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    from ..exporters.onnx import uses_external_data
+    qd(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+       use_external_data_format=uses_external_data(src))
     return {"method": "onnxruntime dynamic", "weights": "int8 per-channel",
             "activations": "uint8, range computed per batch at run time"}

@@ -58,6 +58,8 @@ class Predictor:
         step = min(batch_size, self.backend.max_batch or batch_size)
         chunks = [{self.input_name: batch[i:i + step].astype(np.float32)} for i in range(0, len(batch), step)]
         parts = self.backend.run_many(chunks)
+        if len(parts) == 1:  # no copy (a 3-D window's logits can be a GB)
+            return parts[0]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def predict(self, images, batch_size: int = 8, return_dict: bool = False):

@@ -98,7 +98,8 @@ def sliding_window(x: np.ndarray, run: Callable[[np.ndarray], np.ndarray], patch
             logits = np.zeros((out.shape[1], *shape), np.float32)
         for (a, b, c), o in zip(chunk, out):
             sl = (slice(a, a + patch[0]), slice(b, b + patch[1]), slice(c, c + patch[2]))
-            logits[(slice(None), *sl)] += o * g
+            np.multiply(o, g, out=o)  # in place: a 105-class window is ~0.9 GB in fp32
+            logits[(slice(None), *sl)] += o
             weight[sl] += g
         if progress:
             progress(min(i + batch_size, len(windows)), len(windows))
@@ -107,7 +108,9 @@ def sliding_window(x: np.ndarray, run: Callable[[np.ndarray], np.ndarray], patch
 
 
 def _run_tta(run, batch, mirror: bool) -> np.ndarray:
-    out = run(batch).astype(np.float32)
+    out = np.asarray(run(batch), dtype=np.float32)  # no copy: windows of 105 classes are large
+    if not out.flags.writeable:
+        out = out.copy()
     if not mirror:
         return out
     flips = [(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
@@ -122,8 +125,16 @@ def segment(vol: Volume, run: Callable[[np.ndarray], np.ndarray], pre: dict, bat
     x, _ = to_model_space(vol, pre)
     logits = sliding_window(x, run, pre["patch_size"], pre.get("step", 0.5), batch_size, mirror,
                             pre.get("gaussian_sigma_scale", 0.125), progress)
-    labels = logits.argmax(0).astype(np.uint16)
-    return back_to_input(labels, vol)
+    return back_to_input(class_argmax(logits), vol)
+
+
+def class_argmax(logits: np.ndarray, slab: int = 8) -> np.ndarray:
+    """argmax over classes, a few slices at a time: numpy's argmax(axis=0) makes a
+    contiguous copy of the whole (K, D, H, W) array first, which doubled peak memory."""
+    labels = np.empty(logits.shape[1:], np.uint16)
+    for z in range(0, logits.shape[1], slab):
+        labels[z:z + slab] = logits[:, z:z + slab].argmax(0)
+    return labels
 
 
 def class_volumes(labels: np.ndarray, vol: Volume, names: list[str] | None) -> dict:
