@@ -28,7 +28,8 @@ if step == "export":
         np.save(folder + "/ref.npy", model(torch.from_numpy(x))["logits"].numpy())
     t = time.perf_counter()
     out["record"] = export_onnx(model, torch.from_numpy(x), __import__("pathlib").Path(folder) / "model.onnx",
-                                "volume", ["logits"], spatial_dynamic=True)
+                                [i.to_dict() for i in models.get_spec("stu-net").inputs],
+                                [o.to_dict() for o in models.get_spec("stu-net").outputs])
 else:
     from omedge.parity import cosine_rows
     if step == "onnxruntime":

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import read_manifest
 from .errors import OmedgeError
+from .manifest import read_manifest
 
 
 def _stats(times: list[float], batch: int) -> dict:
@@ -47,12 +47,19 @@ def _timed(fn, x, warmup, runs, seconds):
     return times
 
 
+def _stored(bundle):
+    """The stored verification inputs as one batch of the first graph input, and the reference."""
+    from .parity import concat, load_samples
+    inputs, reference = load_samples(np.load(Path(bundle) / "parity.npz", allow_pickle=False))
+    return inputs, reference, next(iter(concat(inputs).values()))
+
+
 def worker_bundle(bundle, artifact, backend, device, batch, runs, warmup, seconds, threads, mode="latency") -> dict:
-    from .parity import compare, gates_for
+    from .kinds import get_kind
+    from .kinds.base import gate_class
     from .runtime import load
     p = load(bundle, device=device, backend=backend, threads=threads, artifact=artifact, mode=mode)
-    ref = np.load(Path(bundle) / "parity.npz")
-    x_all = ref["inputs"].astype(np.float32)
+    inputs, reference, x_all = _stored(bundle)
     x = np.concatenate([x_all] * (batch // len(x_all) + 1))[:batch]
     if mode == "throughput":  # many single-image requests in flight: items/s over a stream of inputs
         stream = np.concatenate([x_all] * max(1, 8 // len(x_all)))
@@ -60,39 +67,38 @@ def worker_bundle(bundle, artifact, backend, device, batch, runs, warmup, second
                                                   seconds)]
     else:
         times = _timed(lambda a: p.run(a, batch_size=batch), x, warmup, runs, seconds)
-    outs = p.run(x_all, batch_size=1)
-    reference = {k[4:]: ref[k] for k in ref.files if k.startswith("ref_")}
-    parity = compare(reference, outs, gates_for(p.artifact["precision"]))
     art = p.artifact
-    size = sum((Path(bundle) / f).stat().st_size for f in art["files"])
-    return {"variant": f"{art['format']} {art['precision']}" + (" (throughput)" if mode == "throughput" else ""),
-            "artifact": art["name"], "mode": mode,
+    candidate = [p.run(feed, batch_size=1) for feed in inputs]
+    parity = get_kind(p.manifest.kind).parity(reference, candidate, gate_class(art), {}, inputs)
+    size = sum((Path(bundle) / f).stat().st_size for f in art.files)
+    return {"variant": f"{art.format} {art.precision}" + (" (throughput)" if mode == "throughput" else ""),
+            "artifact": art.name, "mode": mode,
             "runtime": p.describe(), "size_mb": size / 1e6, **_stats(times, batch),
             "peak_rss_mb": _peak_rss_mb(), "parity": parity}
 
 
 def worker_torch(model_id, variant, weights, seed, batch, runs, warmup, seconds, threads, bundle) -> dict:
     import torch
+    from .kinds import get_kind
     from .models import build, get_spec, load
-    from .parity import compare, gates_for
     if threads:
         torch.set_num_threads(threads)
     spec = get_spec(model_id)
     model = load(spec, weights, variant)[0] if weights else build(spec, variant, seed=seed)
-    x_all = None
     if bundle:
-        ref = np.load(Path(bundle) / "parity.npz")
-        x_all = ref["inputs"].astype(np.float32)
+        inputs, reference, x_all = _stored(bundle)
     else:
-        x_all = np.random.default_rng(0).standard_normal((4, *spec.input_shape[1:])).astype(np.float32)
+        feeds = get_kind(spec.kind).synthetic_samples(4, 0, spec.preprocess, spec.inputs[0].name)
+        x_all = np.concatenate([f[spec.inputs[0].name] for f in feeds])
     x = torch.from_numpy(np.concatenate([x_all] * (batch // len(x_all) + 1))[:batch])
     with torch.inference_mode():
         times = _timed(model, x, warmup, runs, seconds)
         outs = {k: v.numpy() for k, v in model(torch.from_numpy(x_all)).items()}
     parity = None
     if bundle:
-        reference = {k[4:]: ref[k] for k in ref.files if k.startswith("ref_")}
-        parity = compare(reference, outs, gates_for("fp32"))
+        names = set(reference[0])
+        candidate = [{k: v[i:i + 1] for k, v in outs.items() if k in names} for i in range(len(x_all))]
+        parity = get_kind(spec.kind).parity(reference, candidate, "fp32", {}, inputs)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"variant": "torch fp32 eager", "artifact": "-", "runtime": {"backend": "torch", "version":
             torch.__version__, "device": "cpu", "threads": torch.get_num_threads()}, "size_mb": size / 1e6,
@@ -107,21 +113,21 @@ def worker_volume(bundle, artifact, backend, device, volume, threads, labels_out
     seconds = time.perf_counter() - t
     np.save(labels_out, labels)
     art = p.artifact
-    return {"variant": f"{art['format']} {art['precision']}", "artifact": art["name"], "runtime": p.describe(),
-            "size_mb": sum((Path(bundle) / f).stat().st_size for f in art["files"]) / 1e6, "seconds": seconds,
+    return {"variant": f"{art.format} {art.precision}", "artifact": art.name, "runtime": p.describe(),
+            "size_mb": sum((Path(bundle) / f).stat().st_size for f in art.files) / 1e6, "seconds": seconds,
             "voxels_per_s": float(np.prod(vol.data.shape)) / seconds, "peak_rss_mb": _peak_rss_mb()}
 
 
 def bench_volume(bundle, volume, device="cpu", threads=None, timeout=3600) -> list[dict]:
     """Whole-volume segmentation time of every artifact x backend; Dice against the first."""
-    from .devices import plan
+    from .runtime.plan import plan
     from .runtime.volume import dice_per_class
-    candidates, _ = plan(read_manifest(bundle)["artifacts"], device)
+    candidates, _ = plan(read_manifest(bundle).artifacts, device)
     rows, first = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for i, (art, backend, dev) in enumerate(candidates):
             out = Path(tmp) / f"{i}.npy"
-            row = _run_worker(["worker-volume", str(bundle), art["name"], backend, dev, str(volume),
+            row = _run_worker(["worker-volume", str(bundle), art.name, backend, dev, str(volume),
                                str(threads or 0), str(out)], timeout)
             row["backend"] = backend
             if "error" not in row:
@@ -147,19 +153,18 @@ def bench_bundle(bundle, device="cpu", batch=1, runs=20, warmup=3, seconds=5.0, 
                  timeout=900, modes=("latency",)) -> list[dict]:
     """Every artifact of the bundle on every backend that can run it on `device`, in
     each mode ("latency": one request at a time; "throughput": several in flight)."""
-    from .devices import plan
-    manifest = read_manifest(bundle)
-    candidates, skipped = plan(manifest["artifacts"], device)
+    from .runtime.plan import plan
+    candidates, skipped = plan(read_manifest(bundle).artifacts, device)
     rows = []
     for art, backend, dev in candidates:
         for mode in modes:
             if mode == "throughput" and backend != "openvino":
                 continue  # onnxruntime's session already spreads one request over all cores
-            args = ["worker-bundle", str(bundle), art["name"], backend, dev, str(batch), str(runs), str(warmup),
+            args = ["worker-bundle", str(bundle), art.name, backend, dev, str(batch), str(runs), str(warmup),
                     str(seconds), str(threads or 0), mode]
             row = _run_worker(args, timeout)
-            row.setdefault("variant", f"{art['format']} {art['precision']}")
-            row.setdefault("artifact", art["name"])
+            row.setdefault("variant", f"{art.format} {art.precision}")
+            row.setdefault("artifact", art.name)
             row["backend"] = backend
             rows.append(row)
     return rows
@@ -212,7 +217,7 @@ def bench_model(model_id, weights=None, variant=None, calib=None, precisions=("f
 
 def native_bf16() -> bool:
     try:
-        from .runtime.ov import core
+        from .runtime.backends.ov import core
     except ImportError:
         return False
     return "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -227,12 +232,12 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str]):
-    kind, *a = argv
-    if kind == "worker-bundle":
+    worker, *a = argv
+    if worker == "worker-bundle":
         bundle, artifact, backend, device, batch, runs, warmup, seconds, threads, mode = a
         out = worker_bundle(bundle, artifact, backend, device, int(batch), int(runs), int(warmup),
                             float(seconds), int(threads) or None, mode)
-    elif kind == "worker-volume":
+    elif worker == "worker-volume":
         bundle, artifact, backend, device, volume, threads, labels_out = a
         out = worker_volume(bundle, artifact, backend, device, volume, int(threads) or None, labels_out)
     else:

@@ -1,4 +1,4 @@
-"""A bundle is a folder `<name>.omedge/`: model files + manifest.json.
+"""A bundle is a folder `<name>.omedge/`: graphs, constants, manifest.json (+ its hash).
 
 It is written into a hidden sibling folder and renamed into place, so an interrupted
 or failed export never leaves a half bundle where a user would find it. Loading
@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import shutil
 import time
 from pathlib import Path
 
 from .errors import BundleIntegrityError, ExportError, UsageError
+from .manifest import MANIFEST, MANIFEST_HASH, Manifest, read_manifest, write_manifest  # noqa: F401
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 SUFFIX = ".omedge"
 
 
@@ -62,17 +60,16 @@ class BundleWriter:
             raise ExportError(f"not enough disk space in {self.out.parent}: about {needed_bytes / 1e6:.0f} MB "
                               f"needed, {free / 1e6:.0f} MB free", "free some space or write elsewhere with -o")
 
-    def commit(self, manifest: dict) -> Path:
+    def commit(self, manifest: Manifest) -> Path:
+        """Hash every file, write the manifest and its hash, rename into place."""
         files = {}
         for p in sorted(self.dir.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(self.dir).as_posix()
                 files[rel] = {"sha256": sha256(p), "bytes": p.stat().st_size}
-        manifest = {**manifest, "files": files}
-        with open(self.dir / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
+        manifest.files = files
+        manifest.created = manifest.created or now_iso()
+        write_manifest(self.dir, manifest)
         old = None
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
@@ -92,30 +89,32 @@ class BundleWriter:
         return False
 
 
-def read_manifest(bundle: str | Path) -> dict:
+def bundle_file(bundle: str | Path, rel: str, manifest: Manifest | None = None) -> Path:
+    """`rel` resolved inside the bundle: no absolute paths, no `..`, no symlinks, and
+    (given the manifest) listed in its files, so nothing outside the bundle is read."""
     bundle = Path(bundle)
-    path = bundle / MANIFEST
-    if not bundle.is_dir() or not path.is_file():
-        raise BundleIntegrityError(f"{bundle} is not an omedge bundle (no {MANIFEST})",
-                                   "give the .omedge folder that `omedge export` wrote")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleIntegrityError(f"{path} is damaged: {e}") from e
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise BundleIntegrityError(f"{bundle} has manifest schema {manifest.get('schema_version')}, "
-                                   f"this omedge reads {SCHEMA_VERSION}", "re-export with this omedge version")
-    return manifest
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts or "\\" in rel:
+        raise BundleIntegrityError(f"bundle {bundle.name} names a path outside itself: {rel!r}",
+                                   "the manifest was tampered with: copy the bundle again from its source")
+    if manifest is not None and rel not in manifest.files:
+        raise BundleIntegrityError(f"bundle {bundle.name} refers to {rel!r}, which its manifest does not list",
+                                   "the manifest was tampered with: copy the bundle again from its source")
+    path = bundle / rel
+    for k in range(1, len(parts) + 1):
+        if (bundle.joinpath(*parts[:k])).is_symlink():
+            raise BundleIntegrityError(f"bundle {bundle.name}: {rel} is a symbolic link", "bundles hold plain files")
+    return path
 
 
-def verify_files(bundle: str | Path, manifest: dict, only: list[str] | None = None) -> None:
+def verify_files(bundle: str | Path, manifest: Manifest, only: list[str] | None = None) -> None:
     """Raise unless every listed file exists with its recorded size and sha256."""
     bundle = Path(bundle)
     problems = []
-    for rel, meta in manifest["files"].items():
+    for rel, meta in manifest.files.items():
         if only is not None and rel not in only:
             continue
-        p = bundle / rel
+        p = bundle_file(bundle, rel)
         if not p.is_file():
             problems.append(f"{rel}: missing")
         elif p.stat().st_size != meta["bytes"]:

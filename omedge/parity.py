@@ -1,11 +1,13 @@
-"""Parity metrics and gates (numpy only, so `omedge verify` runs on the device)."""
+"""Parity metrics, gates and the stored verification samples (numpy only, so `omedge
+verify` runs on the device). Each kind picks its metric; the numbers live here."""
 from __future__ import annotations
 
 import numpy as np
 
-# Gates per precision: the minimum per-sample cosine of every output, and for
-# classifier logits the share of inputs whose top-1 class matches the torch fp32 model.
-DEFAULT_GATES = {
+# Tensor gates per gate class (formats.Recipe.gate): the minimum per-sample cosine of
+# every output, and for classifier logits the share of samples whose top-1 class
+# matches the torch fp32 model. A spec's `parity` overrides these per gate class.
+TENSOR_GATES = {
     "fp32": {"cosine_min": 0.9999, "top1_agreement": 1.0},
     "fp16": {"cosine_min": 0.999, "top1_agreement": 0.99},
     "bf16": {"cosine_min": 0.999, "top1_agreement": 0.99},
@@ -13,47 +15,41 @@ DEFAULT_GATES = {
 }
 
 
-# Whole-volume segmentation: per-class Dice against the torch fp32 pipeline (classes
-# present in the reference label map).
-DICE_GATES = {"fp32": 0.99, "fp16": 0.99, "bf16": 0.99, "int8": 0.95}
-
-
-def gates_for(precision: str) -> dict:
-    return dict(DEFAULT_GATES["int8" if precision.startswith("int8") else precision])
+def gates_for(gate: str, overrides: dict | None = None, table: dict = TENSOR_GATES) -> dict:
+    return {**table[gate], **(overrides or {}).get(gate, {})}
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row cosine. Two all-zero rows agree (1.0); a zero row against a non-zero one
+    does not (0.0), so an artifact that outputs zeros cannot pass."""
     a = a.reshape(a.shape[0], -1).astype(np.float64)
     b = b.reshape(b.shape[0], -1).astype(np.float64)
-    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(denom > 0, (a * b).sum(axis=1) / np.maximum(denom, 1e-300), 1.0)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    cos = (a * b).sum(axis=1) / np.maximum(na * nb, 1e-300)
+    return np.where(both_zero, 1.0, np.where((na == 0) | (nb == 0), 0.0, cos))
 
 
-def compare(reference: dict, candidate: dict, gates: dict) -> dict:
-    """Compare outputs by name; returns metrics, the gates used and `passed`."""
-    result = {"gates": gates, "outputs": {}, "passed": True, "failures": []}
+def compare(reference: dict, candidate: dict, gates: dict, classify: tuple[str, ...] = ()) -> dict:
+    """Outputs compared by name: cosine for all, top-1 agreement for `classify` ones."""
+    result = {"gates": gates, "outputs": {}, "failures": []}
     for name, ref in reference.items():
         if name not in candidate:
-            result["passed"] = False
             result["failures"].append(f"output '{name}' missing")
             continue
-        out = np.asarray(candidate[name], np.float32)
-        ref = np.asarray(ref, np.float32)
+        out, ref = np.asarray(candidate[name], np.float32), np.asarray(ref, np.float32)
         if out.shape != ref.shape:
-            result["passed"] = False
             result["failures"].append(f"output '{name}' has shape {out.shape}, reference {ref.shape}")
+            continue
+        if not np.isfinite(out).all():
+            result["failures"].append(f"{name}: {int((~np.isfinite(out)).sum())} NaN/Inf values")
             continue
         cos = cosine_rows(ref, out)
         m = {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
-             "max_abs": float(np.abs(ref - out).max()),
-             "ref_max_abs": float(np.abs(ref).max())}
-        if m["cosine_min"] < gates["cosine_min"] or not np.isfinite(out).all():
+             "max_abs": float(np.abs(ref - out).max()), "ref_max_abs": float(np.abs(ref).max())}
+        if m["cosine_min"] < gates["cosine_min"]:
             result["failures"].append(f"{name}: cosine {m['cosine_min']:.6f} < {gates['cosine_min']}")
-        if name == "logits" and ref.ndim > 2:
-            # segmentation logits (N, K, D, H, W): voxel agreement is reported here; the
-            # gate is per-class Dice of the whole-volume pipeline
-            m["voxel_agreement"] = float((ref.argmax(1) == out.argmax(1)).mean())
-        elif name == "logits":
+        if name in classify:
             m["top1_agreement"] = float((ref.argmax(-1) == out.argmax(-1)).mean())
             if m["top1_agreement"] < gates["top1_agreement"]:
                 result["failures"].append(f"{name}: top-1 agreement {m['top1_agreement']:.3f} "
@@ -61,3 +57,50 @@ def compare(reference: dict, candidate: dict, gates: dict) -> dict:
         result["outputs"][name] = m
     result["passed"] = not result["failures"]
     return result
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(x):
+        x = np.asarray(x, np.float64).ravel()
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+        sums = np.bincount(inv, weights=r)
+        return sums[inv] / counts[inv]
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else 1.0
+
+
+def concat(samples: list[dict]) -> dict:
+    return {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
+
+
+def save_samples(path, inputs: list[dict], reference: list[dict], extra: dict | None = None, float16=True):
+    """parity.npz: sample i's inputs as `in.i.NAME`, its torch outputs as `ref.i.NAME`."""
+    arrays = {}
+    for i, (feed, ref) in enumerate(zip(inputs, reference)):
+        for k, v in feed.items():
+            arrays[f"in.{i}.{k}"] = v.astype(np.float16) if float16 and v.dtype.kind == "f" else v
+        for k, v in ref.items():
+            arrays[f"ref.{i}.{k}"] = v
+    np.savez_compressed(path, **arrays, **(extra or {}))
+
+
+def load_samples(stored) -> tuple[list[dict], list[dict]]:
+    """Inverse of save_samples; float16 inputs come back as float32. Object arrays are
+    refused by np.load(allow_pickle=False) before this runs."""
+    inputs, reference = {}, {}
+    for key in stored.files:
+        part, _, rest = key.partition(".")
+        if part in ("in", "ref"):
+            i, _, name = rest.partition(".")
+            arr = stored[key]
+            if part == "in" and arr.dtype == np.float16:
+                arr = arr.astype(np.float32)
+            (inputs if part == "in" else reference).setdefault(int(i), {})[name] = arr
+    order = sorted(inputs)
+    return [inputs[i] for i in order], [reference[i] for i in order]

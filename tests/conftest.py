@@ -102,3 +102,16 @@ def brow_fp32_bundle(tmp_path_factory, ckpt_dir):
     import omedge
     out = tmp_path_factory.mktemp("bundles") / "brow-fp32.omedge"
     return omedge.export("brow", ckpt_dir / "brow_tiny.pth", formats=["onnx", "openvino"], out=out)
+
+
+def manifest_dict(bundle) -> dict:
+    """A bundle's manifest as the plain JSON it is stored as (read through the checked,
+    schema-validated reader)."""
+    from omedge.manifest import read_manifest
+    return read_manifest(bundle).to_dict()
+
+
+def spec_io(spec, outputs=None) -> tuple[list[dict], list[dict]]:
+    """The declared input and output tensors of a spec, as export_onnx takes them."""
+    outs = [o.to_dict() for o in spec.outputs if outputs is None or o.name in outputs]
+    return [i.to_dict() for i in spec.inputs], outs

@@ -11,6 +11,7 @@ import omedge.models as models
 from omedge.errors import CheckpointError
 from omedge.exporters.onnx import export_onnx
 from omedge.models import convmae, deblurring
+from tests.conftest import spec_io  # noqa: E402
 
 SPEC = convmae.SPECS[0]
 
@@ -146,9 +147,9 @@ def test_onnx_export_matches_torch(tmp_path):
     model.load_state_dict(random_sd(seed=5, num_classes=2), strict=True)
 
     path = tmp_path / "convmae.onnx"
-    export_onnx(model, torch.randn(1, 3, 224, 224), path, SPEC.input_name, ["embedding", "logits"])
+    export_onnx(model, torch.randn(1, 3, 224, 224), path, *spec_io(SPEC, ["embedding", "logits"]))
     x = torch.randn(3, 3, 224, 224)
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {SPEC.input_name: x.numpy()})
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {SPEC.inputs[0].name: x.numpy()})
     with torch.no_grad():
         expected = model(x)
     np.testing.assert_allclose(got[0], expected["embedding"].numpy(), atol=1e-4, rtol=1e-4)

@@ -10,6 +10,7 @@ import omedge.models as models
 from omedge.errors import CheckpointError, InputError
 from omedge.exporters.onnx import export_onnx
 from omedge.models import endofm
+from tests.conftest import spec_io  # noqa: E402
 
 SPEC = endofm.SPECS[0]
 CLIP = (1, 3, 8, 224, 224)
@@ -156,10 +157,10 @@ def test_onnx_export_matches_torch(tmp_path):
 
     video = torch.randn(CLIP)
     path = tmp_path / "endofm.onnx"
-    export_onnx(model, video, path, SPEC.input_name, ["embedding", "logits"])
+    export_onnx(model, video, path, *spec_io(SPEC, ["embedding", "logits"]))
     batch = torch.randn(2, *CLIP[1:])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {SPEC.input_name: batch.numpy()})
+    got = session.run(None, {SPEC.inputs[0].name: batch.numpy()})
     with torch.no_grad():
         expected = model(batch)
     np.testing.assert_allclose(got[0], expected["embedding"].numpy(), atol=1e-4, rtol=1e-4)

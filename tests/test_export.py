@@ -8,8 +8,11 @@ import pytest
 
 import omedge
 import omedge.exporters as exporters
+import omedge.exporters.verify  # noqa: F401  (monkeypatched below)
 import omedge.parity as parity
-from omedge.bundle import read_manifest, verify_files
+from omedge.bundle import verify_files
+from omedge.manifest import read_manifest as read_manifest_obj
+from tests.conftest import manifest_dict as read_manifest
 from omedge.errors import ExportError, InputError, ParityError, UsageError
 from tests.conftest import write_tiles
 
@@ -20,7 +23,7 @@ def _no_leftovers(folder):
 
 def test_int8_bundle_both_formats_parity_recorded(brow_bundle, tiles):
     m = read_manifest(brow_bundle)
-    verify_files(brow_bundle, m)
+    verify_files(brow_bundle, read_manifest_obj(brow_bundle))
     assert [a["name"] for a in m["artifacts"]] == ["onnx-int8", "openvino-int8"]
     for a in m["artifacts"]:
         p = a["parity"]
@@ -33,7 +36,7 @@ def test_int8_bundle_both_formats_parity_recorded(brow_bundle, tiles):
     assert held and set(held) <= {t.name for t in tiles}
     assert m["calibration"]["samples"] + len(held) == len(tiles)
     assert m["weights"]["source"] == "checkpoint" and len(m["weights"]["sha256"]) == 64
-    assert m["onnx_export"]["opset"] == 17 and m["onnx_export"]["dynamic_axes"]["pixel_values"] == {"0": "batch"}
+    assert m["export"]["onnx"]["opset"] == 17 and m["export"]["onnx"]["dynamic_axes"]["pixel_values"] == {"0": "batch"}
     assert m["forced"] is False and "openvino" in m["tools"] and "nncf" in m["tools"]
     assert m["artifacts"][1]["parity"]["measured_with"]["inference_precision"] in ("f32", "bf16")
     assert not (brow_bundle / ".work").exists()
@@ -53,7 +56,7 @@ def test_each_model_and_precision(tmp_path, ckpt_dir, model_id, ckpt, precision,
     assert all(a["parity"]["passed"] for a in m["artifacts"])
     assert m["model"]["licence"] == "CC-BY-NC-4.0"
     if ckpt == "finetuned_thyroid.pth":
-        assert m["model"]["task"] == "classification" and m["primary_output"] == "logits"
+        assert "logits" in [o["name"] for o in m["outputs"]]
         assert all(a["parity"]["outputs"]["logits"]["top1_agreement"] == 1.0 for a in m["artifacts"])
 
 
@@ -78,7 +81,7 @@ def test_synthetic_calibration_only_on_request_and_recorded(tmp_path):
 
 def test_parity_gate_failure_writes_nothing_unless_forced(tmp_path, ckpt_dir, monkeypatch):
     # an unreachable gate (cosine > 1) must fail, leave no bundle, and --force keeps it marked
-    monkeypatch.setitem(parity.DEFAULT_GATES, "fp32", {"cosine_min": 1.5, "top1_agreement": 1.0})
+    monkeypatch.setitem(parity.TENSOR_GATES, "fp32", {"cosine_min": 1.5, "top1_agreement": 1.0})
     with pytest.raises(ParityError, match="failed its parity gate"):
         omedge.export("brow", ckpt_dir / "brow_tiny.pth", out=tmp_path / "gate")
     assert not (tmp_path / "gate.omedge").exists() and not _no_leftovers(tmp_path) and not list(tmp_path.iterdir())
@@ -101,7 +104,7 @@ def test_output_exists_refused_unless_overwrite(tmp_path, ckpt_dir):
 def test_interrupted_export_leaves_nothing(tmp_path, ckpt_dir, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(exporters, "_verify", interrupt)
+    monkeypatch.setattr(exporters.verify, "verify_artifact", interrupt)
     with pytest.raises(KeyboardInterrupt):
         omedge.export("brow", ckpt_dir / "brow_tiny.pth", out=tmp_path / "b")
     assert list(tmp_path.iterdir()) == []
@@ -109,10 +112,10 @@ def test_interrupted_export_leaves_nothing(tmp_path, ckpt_dir, monkeypatch):
 
 def test_interrupted_overwrite_keeps_the_old_bundle(tmp_path, ckpt_dir, monkeypatch):
     out = omedge.export("brow", ckpt_dir / "brow_tiny.pth", out=tmp_path / "b")
-    monkeypatch.setattr(exporters, "_verify", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(exporters.verify, "verify_artifact", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         omedge.export("brow", ckpt_dir / "brow_tiny.pth", out=out, overwrite=True)
-    verify_files(out, read_manifest(out))
+    verify_files(out, read_manifest_obj(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.omedge"]
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import omedge
-from omedge.bundle import read_manifest
+from tests.conftest import manifest_dict as read_manifest
 from tests.conftest import mae_training_dict, official_state_dict, write_tiles
+from tests.conftest import spec_io  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +94,7 @@ def test_stunet_b_single_patch_export_parity(tmp_path):
     x = np.random.default_rng(0).standard_normal((1, 1, 128, 128, 128)).astype(np.float32)
     with torch.no_grad():
         ref = model(torch.from_numpy(x))["logits"].numpy()
-    export_onnx(model, torch.from_numpy(x), tmp_path / "stunet_b.onnx", "volume", ["logits"], spatial_dynamic=True)
+    export_onnx(model, torch.from_numpy(x), tmp_path / "stunet_b.onnx", *spec_io(models.get_spec("stu-net"), ["logits"]))
     got_ort = ort.InferenceSession(str(tmp_path / "stunet_b.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"volume": x})[0]
     core = ov.Core()

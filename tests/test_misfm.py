@@ -10,6 +10,7 @@ from omedge import models
 from omedge.errors import CheckpointError, InputError
 from omedge.exporters.onnx import export_onnx
 from omedge.models import misfm
+from tests.conftest import spec_io  # noqa: E402
 
 SPEC = misfm.SPECS[0]
 VOLUME = (1, 1, 32, 32, 48)  # divisible by 16; bottleneck 2x2x3 (InstanceNorm needs > 1 voxel)
@@ -174,11 +175,11 @@ def test_onnx_export_with_dynamic_spatial_axes(tmp_path):
     model.load_state_dict(tiny_state_dict(seed=3), strict=True)
 
     path = tmp_path / "fmunet.onnx"
-    export_onnx(model, torch.randn(VOLUME), path, SPEC.input_name, ["logits"], spatial_dynamic=True)
+    export_onnx(model, torch.randn(VOLUME), path, *spec_io(SPEC, ["logits"]))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for shape in (VOLUME, (2, 1, 48, 32, 32)):
         x = torch.randn(shape)
-        got = session.run(None, {SPEC.input_name: x.numpy()})[0]
+        got = session.run(None, {SPEC.inputs[0].name: x.numpy()})[0]
         with torch.no_grad():
             expected = model(x)["logits"].numpy()
         assert got.shape == (shape[0], 5, *shape[2:])

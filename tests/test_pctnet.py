@@ -9,16 +9,18 @@ import torch
 
 from omedge import models
 from omedge.errors import CheckpointError, InputError
-from omedge.models import misfm
+from omedge.models import misfm, pctnet
+from omedge.models.layers import swin3d
+from tests.conftest import spec_io  # noqa: E402
 
-SPEC = next(s for s in misfm.SPECS if s.id == "mis-fm-pctnet")
-VOLUME = (1, 1, *misfm.PCT_INPUT_SIZE)  # the only accepted spatial size
+SPEC = pctnet.SPECS[0]
+VOLUME = (1, 1, *pctnet.PCT_INPUT_SIZE)  # the only accepted spatial size
 
 
-def tiny_state_dict(seed=0, num_classes=misfm.PRETEXT_CLASSES, resolution_mode=misfm.PCT_MODE) -> dict:
+def tiny_state_dict(seed=0, num_classes=misfm.PRETEXT_CLASSES, resolution_mode=pctnet.PCT_MODE) -> dict:
     """Random tiny weights at a sane scale: conv/linear ~ 1/sqrt(fan_in), norms around
     (1, 0), positive running variances; the integer position index is kept as built."""
-    sd = misfm.build_pctnet("tiny", num_classes=num_classes, resolution_mode=resolution_mode).state_dict()
+    sd = pctnet.build_pctnet("tiny", num_classes=num_classes, resolution_mode=resolution_mode).state_dict()
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for k, v in sd.items():
@@ -48,7 +50,7 @@ def pymic_dict(sd: dict) -> dict:
 
 
 def loaded_tiny(seed=0, num_classes=misfm.PRETEXT_CLASSES):
-    model = misfm.build_pctnet("tiny", num_classes=num_classes).eval()
+    model = pctnet.build_pctnet("tiny", num_classes=num_classes).eval()
     model.load_state_dict(tiny_state_dict(seed, num_classes), strict=True)
     return model
 
@@ -78,7 +80,7 @@ def test_full_size_parameter_count_and_structure():
 def test_relative_position_index_follows_the_official_flattening():
     """Offsets (ds, dh, dw), each + (w - 1), flattened with strides (3w - 1, 2w - 1, 1)."""
     w = 3
-    attn = misfm.WindowAttention3D(8, w, 2)
+    attn = swin3d.WindowAttention3D(8, w, 2)
     cells = list(itertools.product(range(w), repeat=3))
     expected = [[(a[0] - b[0] + w - 1) * (3 * w - 1) + (a[1] - b[1] + w - 1) * (2 * w - 1) + (a[2] - b[2] + w - 1)
                  for b in cells] for a in cells]
@@ -89,7 +91,7 @@ def test_per_axis_shift_masks_match_the_dense_official_mask():
     """Official SW-MSA mask: label 27 regions of the padded grid (bands [0, P-w), [P-w, P-s),
     [P-s, P) per axis), split into windows; -100 where labels differ. Ours must mask the
     same pairs (it adds -100 per differing axis instead of once)."""
-    block = misfm.SwinBlock3D(8, (10, 8, 14), num_heads=2, window=6, shift=3)
+    block = swin3d.SwinBlock3D(8, (10, 8, 14), num_heads=2, window=6, shift=3)
     assert (block.window, block.shift, block.padded) == (6, 3, (12, 12, 18))
     labels = torch.zeros(block.padded)
     bands = (slice(0, -6), slice(-6, -3), slice(-3, None))
@@ -113,7 +115,7 @@ def test_pymic_file_loads_strictly_and_segments(tmp_path):
     assert models.identify(torch.load(tmp_path / "pctnet_best.pt")) == [("mis-fm-pctnet", "tiny")]
     with torch.no_grad():
         out = model(torch.randn(VOLUME))["logits"]
-    assert out.shape == (1, 2, *misfm.PCT_INPUT_SIZE)
+    assert out.shape == (1, 2, *pctnet.PCT_INPUT_SIZE)
     assert torch.isfinite(out).all()
 
 
@@ -128,7 +130,7 @@ def test_only_the_fixed_input_size_is_accepted():
     model = loaded_tiny()
     with pytest.raises(InputError, match=r"built for D, H, W = \(64, 128, 128\), got \(32, 128, 128\)"):
         model(torch.zeros(1, 1, 32, 128, 128))
-    assert SPEC.input_shape == (None, 1, 64, 128, 128)
+    assert SPEC.inputs[0].shape == (None, 1, 64, 128, 128) and SPEC.inputs[0].dynamic == {0: "batch"}
     assert SPEC.preprocess["patch_size"] == [64, 128, 128]
 
 
@@ -140,15 +142,15 @@ def test_onnx_export_static_spatial_dynamic_batch(tmp_path):
 
     model = loaded_tiny(seed=3).eval()
     path = tmp_path / "pctnet.onnx"
-    export_onnx(model, torch.randn(VOLUME), path, SPEC.input_name, ["logits"], spatial_dynamic=False)
+    export_onnx(model, torch.randn(VOLUME), path, *spec_io(SPEC, ["logits"]))
     dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 1, 64, 128, 128]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = torch.randn(2, *VOLUME[1:])  # exported with batch 1
-    got = session.run(None, {SPEC.input_name: x.numpy()})[0]
+    got = session.run(None, {SPEC.inputs[0].name: x.numpy()})[0]
     with torch.no_grad():
         expected = model(x)["logits"].numpy()
-    assert got.shape == (2, 5, *misfm.PCT_INPUT_SIZE)
+    assert got.shape == (2, 5, *pctnet.PCT_INPUT_SIZE)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 

@@ -12,7 +12,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python (the 'llm' extra) is n
 import gguf  # noqa: E402
 
 import omedge  # noqa: E402
-from omedge.bundle import read_manifest  # noqa: E402
+from tests.conftest import manifest_dict as read_manifest  # noqa: E402
 from omedge.errors import CheckpointError, InputError, ParityError, UsageError  # noqa: E402
 from omedge.exporters import gguf as conv  # noqa: E402
 from omedge.exporters.llm import export_llm  # noqa: E402
@@ -84,11 +84,11 @@ def test_f16_and_q8_gates_against_the_original(tmp_path, bloom_dir, quant, basis
 def test_llama_layout_20b_with_padded_sentencepiece_vocab(tmp_path, llama_dir):
     b = export_llm("pulse", llama_dir, quant="Q5_K_M", out=tmp_path / "b20", keep_f16=True)
     m = read_manifest(b)
-    assert m["model"]["id"] == "pulse-20b" and m["llm"]["arch"] == "llama"
+    assert m["model"]["id"] == "pulse-20b" and m["extra"]["llm"]["arch"] == "llama"
     assert [a["precision"] for a in m["artifacts"]] == ["Q5_K_M", "F16"]
     par = m["artifacts"][0]["parity"]
     assert par["passed"] and par["tokenizer"]["passed"], par
-    assert m["conversion"]["vocab"] == 768 and m["conversion"]["tokenizer_tokens"] == 768
+    assert m["extra"]["conversion"]["vocab"] == 768 and m["extra"]["conversion"]["tokenizer_tokens"] == 768
 
 
 def test_runtime_generate_chat_stream_describe(q4_bundle):
@@ -230,7 +230,7 @@ def test_cli_export_predict_chat(tmp_path, bloom_dir):
 
 
 def test_devices_warns_about_a_native_amx_build(monkeypatch):
-    import omedge.runtime.llama as backend
+    import omedge.runtime.backends.llama as backend
     monkeypatch.setattr(backend, "system_info", lambda: "CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 1 | OPENMP = 1")
     assert "SIGILL" in backend.amx_risk() and "GGML_NATIVE=OFF" in backend.amx_risk()
     monkeypatch.setattr(backend, "system_info", lambda: "CPU : SSE3 = 1 | AVX2 = 1 | OPENMP = 1")

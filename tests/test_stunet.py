@@ -12,6 +12,7 @@ from omedge import models
 from omedge.errors import CheckpointError, InputError
 from omedge.exporters.onnx import export_onnx
 from omedge.models import stunet
+from tests.conftest import spec_io  # noqa: E402
 
 SPEC = stunet.SPECS[0]
 CLASSES = 3
@@ -260,11 +261,11 @@ def test_onnx_export_with_dynamic_spatial_axes(tmp_path):
     model.load_state_dict(sd, strict=True)
 
     path = tmp_path / "stunet.onnx"
-    export_onnx(model, torch.randn(VOLUME), path, SPEC.input_name, ["logits"], spatial_dynamic=True)
+    export_onnx(model, torch.randn(VOLUME), path, *spec_io(SPEC, ["logits"]))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for shape in (VOLUME, (2, 1, 48, 32, 64)):
         x = torch.randn(shape)
-        got = session.run(None, {SPEC.input_name: x.numpy()})[0]
+        got = session.run(None, {SPEC.inputs[0].name: x.numpy()})[0]
         with torch.no_grad():
             expected = model(x)["logits"].numpy()
         assert got.shape == (shape[0], CLASSES, *shape[2:])
@@ -280,8 +281,7 @@ def test_per_tensor_weight_files_are_gathered_into_one(tmp_path):
     from omedge.exporters.onnx import gather_external_data
     model = stunet.build("tiny", num_classes=CLASSES).eval()
     model.load_state_dict(tiny_state_dict(seed=5), strict=True)
-    export_onnx(model, torch.randn(VOLUME), tmp_path / "inline.onnx", SPEC.input_name, ["logits"],
-                spatial_dynamic=True)
+    export_onnx(model, torch.randn(VOLUME), tmp_path / "inline.onnx", *spec_io(SPEC, ["logits"]))
     torch_layout = tmp_path / "per_tensor"
     torch_layout.mkdir()
     onnx.save_model(onnx.load(str(tmp_path / "inline.onnx")), str(torch_layout / "model.onnx"),
@@ -293,6 +293,6 @@ def test_per_tensor_weight_files_are_gathered_into_one(tmp_path):
     assert files == [out / "model.onnx", out / "model.onnx.data"]
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
     x = np.random.default_rng(1).standard_normal(VOLUME).astype(np.float32)
-    expected = ort.InferenceSession(str(tmp_path / "inline.onnx")).run(None, {SPEC.input_name: x})[0]
-    got = ort.InferenceSession(str(out / "model.onnx")).run(None, {SPEC.input_name: x})[0]
+    expected = ort.InferenceSession(str(tmp_path / "inline.onnx")).run(None, {SPEC.inputs[0].name: x})[0]
+    got = ort.InferenceSession(str(out / "model.onnx")).run(None, {SPEC.inputs[0].name: x})[0]
     np.testing.assert_array_equal(got, expected)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import omedge
-from omedge.bundle import read_manifest
+from tests.conftest import manifest_dict as read_manifest
 from omedge.errors import CheckpointError
 from tests.conftest import official_state_dict
 from tests.video_files import frame_at, write_video
@@ -35,8 +35,8 @@ def endo_bundle(tmp_path_factory, polypdiag):
 
 def test_endo_fm_bundle_is_a_verified_clip_classifier(endo_bundle):
     m = read_manifest(endo_bundle)
-    assert m["input"]["layout"] == "NCTHW" and m["input"]["shape"] == [None, 3, 8, 224, 224]
-    assert m["model"]["task"] == "classification" and m["labels"] == ["no_polyp", "polyp"]
+    assert m["inputs"][0]["layout"] == "NCTHW" and m["inputs"][0]["shape"] == [None, 3, 8, 224, 224]
+    assert "logits" in [o["name"] for o in m["outputs"]] and m["labels"] == ["no_polyp", "polyp"]
     for art in m["artifacts"]:
         assert art["parity"]["passed"] and art["parity"]["outputs"]["logits"]["top1_agreement"] == 1.0
 
@@ -114,7 +114,7 @@ def test_convmae_frame_classifier_bundle(tmp_path):
     b = omedge.export("deblurring-convmae", tmp_path / "thyroid_convmae.pth", formats=["onnx", "openvino"],
                       precision="int8", calib="synthetic", calib_size=16, out=tmp_path / "thyroid", force=True)
     m = read_manifest(b)
-    assert m["model"]["task"] == "classification"
+    assert "logits" in [o["name"] for o in m["outputs"]]
     p = omedge.load(b)
     gray = frame_at(0, (300, 400))[..., 0]  # a grayscale ultrasound frame is replicated to RGB
     assert p.predict(gray).shape == (1, 2)
@@ -125,7 +125,7 @@ def test_convmae_frame_classifier_bundle(tmp_path):
 def test_other_clip_length_resizes_time_embed_like_the_official_code(tmp_path, polypdiag):
     b = omedge.export("endo-fm", polypdiag, frames=4, out=tmp_path / "t4")
     m = read_manifest(b)
-    assert m["preprocess"]["frames"] == 4 and m["input"]["shape"] == [None, 3, 4, 224, 224]
+    assert m["preprocess"]["frames"] == 4 and m["inputs"][0]["shape"] == [None, 3, 4, 224, 224]
     assert m["artifacts"][0]["parity"]["passed"]
     p = omedge.load(b)
     clip = [frame_at(i, (96, 128)) for i in range(4)]

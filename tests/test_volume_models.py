@@ -10,7 +10,7 @@ import torch
 
 import omedge
 import omedge.models as models
-from omedge.bundle import read_manifest
+from tests.conftest import manifest_dict as read_manifest
 from omedge.errors import BundleIntegrityError, CheckpointError
 from omedge.io.volume import read_volume
 from omedge.runtime.volume import synthetic_ct
@@ -41,8 +41,8 @@ def stunet_bundle(tmp_path_factory, stunet_file):
 
 def test_bundle_records_whole_volume_dice(stunet_bundle):
     m = read_manifest(stunet_bundle)
-    assert m["model"]["task"] == "segmentation" and m["labels"] == ["bg", "liver", "kidney", "bone"]
-    assert m["onnx_export"]["dynamic_axes"]["volume"] == {"0": "batch", "2": "depth", "3": "height", "4": "width"}
+    assert m["model"]["kind"] == "volume" and m["labels"] == ["bg", "liver", "kidney", "bone"]
+    assert m["export"]["onnx"]["dynamic_axes"]["volume"] == {"0": "batch", "2": "depth", "3": "height", "4": "width"}
     for art in m["artifacts"]:
         dice = art["parity"]["volume_dice"]
         assert art["parity"]["passed"] and dice["min"] >= 0.99 and dice["classes"] >= 1 and dice["gate"] == 0.99
@@ -76,7 +76,7 @@ def test_predict_dicom_series_and_torch_parity(stunet_bundle, stunet_file, tmp_p
     assert labels.shape == hu.shape
     from omedge.runtime.volume import dice_per_class, segment
     model = models.load(models.get_spec("stu-net"), stunet_file)[0]
-    ref = segment(vol, lambda b: model(torch.from_numpy(b))["logits"].detach().numpy(), p.manifest["preprocess"])
+    ref = segment(vol, lambda b: model(torch.from_numpy(b))["logits"].detach().numpy(), p.manifest.preprocess)
     assert all(d > 0.99 for d in dice_per_class(ref, labels).values())
 
 
@@ -169,7 +169,7 @@ def test_pct_net_fixed_size_bundle(tmp_path):
     torch.save({"iteration": 500, "model_state_dict": sd, "optimizer_state_dict": {}}, tmp_path / "pctnet.pt")
     b = omedge.export("mis-fm-pctnet", tmp_path / "pctnet.pt", formats=["onnx"], out=tmp_path / "pct")
     m = read_manifest(b)
-    assert m["onnx_export"]["dynamic_axes"]["volume"] == {"0": "batch"}
+    assert m["export"]["onnx"]["dynamic_axes"]["volume"] == {"0": "batch"}
     assert m["artifacts"][0]["parity"]["passed"]
     labels, vol = omedge.load(b).segment(nifti(tmp_path, synthetic_ct((70, 50, 40), seed=3).data,
                                                np.diag([1.0, 1.0, 2.0, 1])))
@@ -188,13 +188,13 @@ def test_weights_past_the_protobuf_limit_go_to_one_data_file(tmp_path, stunet_fi
                       calib="synthetic" if precision == "int8" else None, calib_size=2, out=tmp_path / "big",
                       force=True)
     m = read_manifest(b)
-    assert m["onnx_export"]["external_data"] is True
+    assert m["export"]["onnx"]["external_data"] is True
     onnx_art = next(a for a in m["artifacts"] if a["format"] == "onnx")
     entry = onnx_art["entry"]
     assert onnx_art["files"] == [entry, entry + ".data"] and entry + ".data" in m["files"]
     assert (b / entry).stat().st_size < (b / (entry + ".data")).stat().st_size
     assert sorted(p.name for p in b.iterdir() if not p.name.startswith("openvino")) == sorted(
-        [entry, entry + ".data", "manifest.json", "parity.npz"])  # no stray per-tensor files
+        [entry, entry + ".data", "manifest.json", "manifest.sha256", "parity.npz"])  # no stray per-tensor files
     if precision == "int8":
         # a random tiny net misses the INT8 gate (cosine ~0.98); what matters here is that
         # the quantized weights were read back from the data file (else cosine ~0)

@@ -1,8 +1,6 @@
-"""What hardware is here, which backend can use it, and which one `auto` picks.
-
-Every probe is optional and local (files under /proc, nvidia-ml-py or nvidia-smi,
-OpenVINO's device list); a probe that fails reports why instead of guessing.
-"""
+"""What hardware is here: an inventory, nothing else (which backend runs where is
+`omedge.runtime.plan`). Every probe is optional and local (files under /proc,
+nvidia-ml-py or nvidia-smi, OpenVINO's device list); a failed probe says why."""
 from __future__ import annotations
 
 import functools
@@ -11,11 +9,8 @@ import platform
 import shutil
 import subprocess
 
-from ..runtime.backend import FORMAT_BACKENDS, INSTALL_HINT, probe
-
 ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI",
              "avx512_bf16": "AVX512-BF16", "amx_tile": "AMX", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
-AUTO_ORDER = ("cuda", "gpu", "cpu")  # npu only when asked for: batch 1, long first compile
 
 
 @functools.lru_cache(maxsize=1)
@@ -83,13 +78,14 @@ def nvidia_gpus() -> list[dict]:
 
 def openvino_devices() -> list[dict]:
     try:
-        from ..runtime.ov import core
+        import openvino
     except ImportError:
         return []
+    core = openvino.Core()
     devices = []
-    for name in core().available_devices:
+    for name in core.available_devices:
         try:
-            full = core().get_property(name, "FULL_DEVICE_NAME")
+            full = core.get_property(name, "FULL_DEVICE_NAME")
         except RuntimeError:
             full = name
         devices.append({"name": name, "full_name": full})
@@ -97,54 +93,4 @@ def openvino_devices() -> list[dict]:
 
 
 def inventory() -> dict:
-    return {"cpu": cpu_info(), "nvidia_gpus": nvidia_gpus(), "openvino_devices": openvino_devices(),
-            "backends": {name: probe(name) for name in INSTALL_HINT}}
-
-
-def backends_for_device(device: str) -> tuple[str, ...]:
-    if device == "cuda":
-        return ("onnxruntime", "llama.cpp")
-    if device in ("gpu", "npu"):
-        return ("openvino", "onnxruntime")
-    intel = cpu_info().get("vendor") == "GenuineIntel"
-    return (("openvino", "onnxruntime") if intel else ("onnxruntime", "openvino")) + ("llama.cpp",)
-
-
-def plan(artifacts: list[dict], device: str = "auto", backend: str = "auto"):
-    """Order the (artifact, backend, device) choices for a bundle and explain the rest.
-
-    Returns (candidates, skipped): candidates in the order to try; skipped as
-    human-readable lines saying why each other combination cannot run here.
-    """
-    devices = AUTO_ORDER if device == "auto" else (device,)
-    candidates, skipped = [], []
-    probes = {}
-    for dev in devices:
-        names = backends_for_device(dev)
-        if backend != "auto":
-            names = tuple(n for n in names if n == backend) or (backend,)
-        for name in names:
-            if name not in probes:
-                probes[name] = probe(name)
-            p = probes[name]
-            usable = [a for a in artifacts if name in FORMAT_BACKENDS.get(a["format"], ())]
-            # prefer the backend's own format (OpenVINO IR over ONNX for openvino)
-            usable.sort(key=lambda a: a["format"] != name)
-            if not usable:
-                if backend != "auto":  # only worth saying when this backend was asked for
-                    skipped.append(f"{name} on {dev}: the bundle has no format it runs "
-                                   f"({', '.join(sorted({a['format'] for a in artifacts}))})")
-                continue
-            if not p["installed"]:
-                skipped.append(f"{name} on {dev}: {p['reason']} -> {p['hint']}")
-                continue
-            reason = p["devices"].get(dev, f"{name} does not support device '{dev}'")
-            if reason:
-                skipped.append(f"{name} on {dev}: {reason}")
-                continue
-            for a in usable:
-                if "verified_backends" in a and name not in a["verified_backends"]:
-                    skipped.append(f"{name} on {dev} ({a['name']}): failed its parity gate at export, not used")
-                else:
-                    candidates.append((a, name, dev))
-    return candidates, skipped
+    return {"cpu": cpu_info(), "nvidia_gpus": nvidia_gpus(), "openvino_devices": openvino_devices()}

@@ -6,15 +6,16 @@ sides (tokenizer agreement is checked on its own)."""
 from __future__ import annotations
 
 import gc
-import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ..bundle import SCHEMA_VERSION, BundleWriter, bundle_path, now_iso
+from ..bundle import BundleWriter, bundle_path
 from ..errors import ParityError, UsageError
-from ..models.pulse import LICENCE, PRIMER, SAMPLING, SOURCE, inspect_folder, prompt_segments
+from ..manifest import Artifact, Manifest
+from ..models import get_spec
+from ..models.pulse import LICENCE, PRIMER, PROMPT, SAMPLING, SOURCE, inspect_folder, prompt_segments
 from ..quantize.gguf_quant import BITS_PER_WEIGHT, QUANTS, quantize
 from . import gguf as gguf_convert
 
@@ -34,7 +35,7 @@ EDGE_TEXTS = ["  leading spaces, tabs\tand\nnew lines  "]
 # Argmax agreement over all prompt positions. F16 and Q8_0 against the original
 # weights; lower-bit types against the model with the quantized weights dequantized
 # (what llama.cpp should compute), so the gate measures the runtime, not the rounding.
-GATES = {"F16": ("original", 1.0), "Q8_0": ("original", 0.99)}
+GATES = {"F16": ("original", 1.0), "Q8_0": ("original", 0.99)}  # basis and gate per GGUF type
 DEFAULT_GATE = ("dequantized", 0.95)
 
 
@@ -92,15 +93,10 @@ def dequantized_model(folder, gguf_path: Path, tensor_map, dtype):
 
 
 def llama_logits(gguf_path: Path, prompts: list[list[int]], threads=None) -> list[np.ndarray]:
-    import llama_cpp
+    from ..runtime.backends.llama import LlamaCppBackend
     n_ctx = max(len(p) for p in prompts) + 8
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                          n_threads=threads or max(1, len(os.sched_getaffinity(0))))
-    out = []
-    for ids in prompts:
-        llm.reset()
-        llm.eval(ids)
-        out.append(np.array(llm.scores[:len(ids)], dtype=np.float32))
+    llm = LlamaCppBackend({"model": gguf_path}, "cpu", {"n_ctx": n_ctx, "logits_all": True, "threads": threads})
+    out = [llm.logits(ids) for ids in prompts]
     del llm
     return out
 
@@ -117,7 +113,7 @@ def _differences(tok, llm, texts) -> list[dict]:
     out = []
     for text in texts:
         ref = tok(text, add_special_tokens=False)["input_ids"]
-        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        ids = llm.tokenize(text, add_bos=False)
         back = llm.detokenize(ids).decode("utf-8", errors="replace")
         if ids != ref or back.strip() != text.strip():
             out.append({"text": text, "transformers": ref[:20], "llama.cpp": ids[:20], "decoded": back})
@@ -125,10 +121,11 @@ def _differences(tok, llm, texts) -> list[dict]:
 
 
 def tokenizer_round_trip(folder, gguf_path: Path) -> dict:
-    import llama_cpp
     from transformers import AutoTokenizer
+
+    from ..runtime.backends.llama import LlamaCppBackend
     tok = AutoTokenizer.from_pretrained(folder.path, local_files_only=True)
-    llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    llm = LlamaCppBackend({"model": gguf_path}, "cpu", {"vocab_only": True})
     mismatches, edge = _differences(tok, llm, ROUND_TRIP_TEXTS), _differences(tok, llm, EDGE_TEXTS)
     return {"texts": len(ROUND_TRIP_TEXTS), "exact": len(ROUND_TRIP_TEXTS) - len(mismatches),
             "mismatches": mismatches, "passed": not mismatches, "edge_cases_differing": edge}
@@ -163,30 +160,7 @@ def export_llm(model_id: str, weights, *, out=None, quant: str = "F16", keep_f16
 
         log("verifying against transformers")
         prompts = reference_tokens(folder)
-        dtype = _reference_dtype(folder)
-        basis, threshold = gate_for(quant)
-        model = _hf_model(folder, dtype)
-        ref = hf_logits(model, prompts)
-        del model
-        gc.collect()
-        got = llama_logits(final, prompts, threads)
-        parity = {"vs_original": compare_logits(ref, got), "reference_dtype": str(dtype).replace("torch.", "")}
-        gated_ref = ref
-        if basis == "dequantized":
-            model = dequantized_model(folder, final, conversion["tensor_map"], dtype)
-            gated_ref = hf_logits(model, prompts)
-            del model
-            gc.collect()
-            parity["vs_dequantized"] = compare_logits(gated_ref, got)
-        gated = parity["vs_dequantized" if basis == "dequantized" else "vs_original"]
-        parity["gate"] = {"metric": f"argmax agreement vs {basis} weights", "min": threshold}
-        parity["tokenizer"] = tokenizer_round_trip(folder, final)
-        failures = []
-        if gated["argmax_agreement"] < threshold:
-            failures.append(f"argmax agreement {gated['argmax_agreement']:.4f} < {threshold} ({basis})")
-        if not parity["tokenizer"]["passed"]:
-            failures.append(f"tokenizer differs on {len(parity['tokenizer']['mismatches'])} text(s)")
-        parity.update(passed=not failures, failures=failures)
+        parity, failures, gated_ref = _verify_gguf(folder, final, conversion, quant, prompts, threads)
         if failures and not force:
             raise ParityError(f"{quant} GGUF failed its parity gate: {'; '.join(failures)}",
                               "no bundle was written; pass --force to keep it (marked in the manifest)")
@@ -199,29 +173,63 @@ def export_llm(model_id: str, weights, *, out=None, quant: str = "F16", keep_f16
         import shutil
         shutil.rmtree(work, ignore_errors=True)
         conversion.pop("tensor_map")
-        art = {"name": f"gguf-{quant.lower()}", "format": "gguf", "precision": quant, "entry": final.name,
-               "files": [final.name], "quantization": quant_info, "parity": parity,
-               "runtime": {"llama.cpp": {}}}
+        backends = {"llama.cpp": {"passed": parity["passed"], "failures": failures}}
+        art = Artifact(name=f"gguf-{quant.lower()}", format="gguf", precision=quant, entry=final.name,
+                       files=[final.name], quantization=quant_info, parity={**parity, "backends": backends},
+                       verified_backends=["llama.cpp"] if parity["passed"] else [], runtime={"llama.cpp": {}},
+                       inputs=["input_ids"], outputs=["logits"])
         artifacts = [art]
         if keep_f16 and quant != "F16":
-            artifacts.append({"name": "gguf-f16", "format": "gguf", "precision": "F16", "entry": f16.name,
-                              "files": [f16.name], "parity": {"passed": None, "note": "intermediate, kept on request"},
-                              "runtime": {"llama.cpp": {}}})
-        import llama_cpp
-        manifest = {
-            "schema_version": SCHEMA_VERSION, "created": now_iso(),
-            "model": {"id": folder.model_id, "variant": folder.model_id.split("-")[1], "title": "PULSE medical LLM",
-                      "task": "text-generation", "licence": LICENCE, "source": SOURCE,
-                      "parameters": int(n), "architecture": folder.config["architectures"][0]},
-            "weights": {"source": "hf-folder", "folder": folder.path.name,
-                        "shards": [s.name for s in folder.shards]},
-            "llm": {"arch": folder.arch, "context_length": conversion["context_length"], "sampling": SAMPLING,
-                    "prompt_format": "PULSE demo: system</s> User: q</s> ... primed with 'Helper: '"},
-            "conversion": conversion,
-            "verification": {"file": "parity.npz", "prompts": PROMPTS, "reference": "transformers, same token ids"},
-            "artifacts": artifacts, "forced": not parity["passed"],
-            "tools": {"torch": torch.__version__, "llama_cpp_python": llama_cpp.__version__},
-        }
+            artifacts.append(Artifact(name="gguf-f16", format="gguf", precision="F16", entry=f16.name,
+                                      files=[f16.name], runtime={"llama.cpp": {}}, verified_backends=[],
+                                      parity={"passed": None, "note": "intermediate, kept on request, not verified"}))
+        spec = get_spec(folder.model_id)
+        manifest = Manifest(
+            model={"id": folder.model_id, "variant": spec.default_variant, "kind": spec.kind, "title": spec.title,
+                   "licence": LICENCE, "source": SOURCE, "parameters": int(n),
+                   "architecture": folder.config["architectures"][0]},
+            weights={"source": "hf-folder", "folder": folder.path.name, "shards": [s.name for s in folder.shards]},
+            inputs=[i.to_dict() for i in spec.inputs], outputs=[o.to_dict() for o in spec.outputs],
+            primary_output=spec.primary_output, preprocess=spec.preprocess, artifacts=artifacts,
+            verification={"file": "parity.npz", "prompts": PROMPTS, "reference": "transformers, same token ids"},
+            extra={"llm": {"arch": folder.arch, "context_length": conversion["context_length"], "sampling": SAMPLING,
+                           "prompt": PROMPT}, "conversion": conversion},
+            forced=not parity["passed"], tools={"torch": torch.__version__, **_llama_version()})
         path = writer.commit(manifest)
     log(f"wrote {path}")
     return path
+
+
+def _verify_gguf(folder, final: Path, conversion: dict, quant: str, prompts, threads):
+    """Logits of llama.cpp vs transformers on the same ids (and vs the dequantized weights
+    for k-quants), plus the tokenizer round trip. Returns (parity, failures, gated reference)."""
+    dtype = _reference_dtype(folder)
+    basis, threshold = gate_for(quant)
+    model = _hf_model(folder, dtype)
+    ref = hf_logits(model, prompts)
+    del model
+    gc.collect()
+    got = llama_logits(final, prompts, threads)
+    parity = {"vs_original": compare_logits(ref, got), "reference_dtype": str(dtype).replace("torch.", "")}
+    gated_ref = ref
+    if basis == "dequantized":
+        model = dequantized_model(folder, final, conversion["tensor_map"], dtype)
+        gated_ref = hf_logits(model, prompts)
+        del model
+        gc.collect()
+        parity["vs_dequantized"] = compare_logits(gated_ref, got)
+    gated = parity["vs_dequantized" if basis == "dequantized" else "vs_original"]
+    parity["gate"] = {"metric": f"argmax agreement vs {basis} weights", "min": threshold}
+    parity["tokenizer"] = tokenizer_round_trip(folder, final)
+    failures = []
+    if gated["argmax_agreement"] < threshold:
+        failures.append(f"argmax agreement {gated['argmax_agreement']:.4f} < {threshold} ({basis})")
+    if not parity["tokenizer"]["passed"]:
+        failures.append(f"tokenizer differs on {len(parity['tokenizer']['mismatches'])} text(s)")
+    parity.update(passed=not failures, failures=failures)
+    return parity, failures, gated_ref
+
+
+def _llama_version() -> dict:
+    import importlib.metadata
+    return {"llama_cpp_python": importlib.metadata.version("llama_cpp_python")}

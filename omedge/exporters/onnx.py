@@ -21,31 +21,36 @@ class _TupleOutputs(torch.nn.Module):
         super().__init__()
         self.model, self.names = model, names
 
-    def forward(self, x):
-        out = self.model(x)
+    def forward(self, *inputs):
+        out = self.model(*inputs)
         return tuple(out[n] for n in self.names)
 
 
-def export_onnx(model, example: torch.Tensor, path: Path, input_name: str, output_names: list[str],
-                opset: int = OPSET, spatial_dynamic: bool = False) -> dict:
+def dynamic_axes(tensors: list[dict]) -> dict:
+    """{name: {axis: label}} from the declared TensorSpecs (the manifest's dicts)."""
+    return {t["name"]: {int(a): label for a, label in t.get("dynamic", {}).items()} for t in tensors}
+
+
+def export_onnx(model, examples: tuple, path: Path, inputs: list[dict], outputs: list[dict],
+                opset: int = OPSET) -> dict:
     """Write `path` (plus `path.data` when the weights pass 2 GB, e.g. STU-Net-H); return
-    a record for the manifest. spatial_dynamic: volumes of any size (fully convolutional nets)."""
+    a record for the manifest. Names and dynamic axes come from the declared tensors."""
+    if isinstance(examples, torch.Tensor):
+        examples = (examples,)
+    input_names, output_names = [i["name"] for i in inputs], [o["name"] for o in outputs]
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = n_bytes > EXTERNAL_DATA_LIMIT
     # Past 2 GB torch writes one file per tensor beside the model: export into a scratch
     # folder, then gather the weights into the single `<name>.data` file the bundle lists.
     scratch = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=path.parent)) if external else None
     target = scratch / path.name if external else path
-    axes = {0: "batch"}
-    if spatial_dynamic:
-        axes.update({2: "depth", 3: "height", 4: "width"})
-    dynamic = {input_name: axes, **{n: dict(axes) for n in output_names}}
+    dynamic = dynamic_axes(inputs + outputs)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # eval() on the wrapper too: the exporter restores the wrapper's mode afterwards,
         # which would otherwise leave the model training (dropout on) for verification
-        torch.onnx.export(_TupleOutputs(model.eval(), output_names).eval(), (example,), str(target),
-                          input_names=[input_name], output_names=output_names, dynamic_axes=dynamic,
+        torch.onnx.export(_TupleOutputs(model.eval(), output_names).eval(), tuple(examples), str(target),
+                          input_names=input_names, output_names=output_names, dynamic_axes=dynamic,
                           opset_version=opset, dynamo=False, do_constant_folding=True)
     if external:
         try:

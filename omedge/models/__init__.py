@@ -1,15 +1,18 @@
 """Model registry and checkpoint loading (build side: imports torch).
 
-Each family module declares one or more `ModelSpec`s in `SPECS`."""
+Each family module declares one or more `ModelSpec`s in `SPECS`. Listing ids needs no
+torch (family modules import it lazily or at the top; `all_specs` imports them)."""
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
 
 from ..errors import CheckpointError, UsageError
-from .spec import ModelSpec
+from ..spec import ModelSpec
 
-FAMILY_MODULES = ("brow", "pathoduet", "deblurring", "convmae", "endofm", "stunet", "misfm")
+FAMILY_MODULES = ("brow", "pathoduet", "deblurring", "convmae", "endofm", "stunet", "misfm", "pctnet", "pulse",
+                  "prime")
+ALIASES = {"pulse": "pulse-7b"}  # `omedge export pulse` detects 7b / 20b from the folder
 
 
 def all_specs() -> dict[str, ModelSpec]:
@@ -22,6 +25,7 @@ def all_specs() -> dict[str, ModelSpec]:
 
 def get_spec(model_id: str) -> ModelSpec:
     specs = all_specs()
+    model_id = ALIASES.get(model_id, model_id)
     if model_id not in specs:
         raise UsageError(f"unknown model id '{model_id}'", f"known ids: {', '.join(specs)} (see `omedge models`)")
     return specs[model_id]
@@ -31,6 +35,8 @@ def build(spec: ModelSpec, variant: str, seed: int = 0, **options):
     """A model with seeded random weights (for tests and weight-free demos)."""
     import torch
     _check_variant(spec, variant)
+    if spec.build is None:
+        raise UsageError(f"{spec.id} is not built from a torch module", "export it from its checkpoint folder")
     torch.manual_seed(seed)
     return spec.build(variant, **{**spec.default_options, **options}).eval()
 
@@ -52,6 +58,8 @@ def identify(raw) -> list[tuple[str, str]]:
     """Which (model id, variant) pairs a checkpoint loads into exactly."""
     hits = []
     for spec in all_specs().values():
+        if spec.remap is None:
+            continue
         try:
             sd, options = spec.remap(raw)
         except CheckpointError:

@@ -1,7 +1,7 @@
 """BROW: DINO ViT-B/16 pathology encoder (openmedlab/BROW). Output: CLS token after
 the final norm, 768-d."""
 from .checkpoint import drop, strip_prefix, unwrap
-from .spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+from ..spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, embedding_output, image_input
 from .vit import VIT_SIZES, VisionTransformer
 
 
@@ -17,7 +17,8 @@ def remap(raw):
 
 
 SPECS = [ModelSpec(
-    id="brow", title="BROW pathology WSI encoder (DINO ViT-B/16)", task="embedding",
+    id="brow", title="BROW pathology WSI encoder (DINO ViT-B/16)", kind="image",
+    inputs=(image_input(),), outputs=(embedding_output(),), primary_output="embedding",
     variants=("B", "tiny"), default_variant="B",
     preprocess={"color": "RGB", "grayscale": "refuse", "center_crop": 224,
                 "mean": IMAGENET_MEAN, "std": IMAGENET_STD,

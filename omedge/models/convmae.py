@@ -17,7 +17,7 @@ from ..errors import CheckpointError
 from .checkpoint import drop, strip_prefix, unwrap
 from .deblurring import SPECS as MAE_SPECS
 from .deblurring import head_options
-from .spec import ModelSpec
+from ..spec import ModelSpec, embedding_output, image_input, logits_output
 from .vit import Block, _init_weights, sincos_pos_embed
 
 
@@ -131,7 +131,9 @@ def remap(raw):
 
 SPECS = [ModelSpec(
     id="deblurring-convmae", title="DeblurringMIM ConvMAE-B thyroid ultrasound encoder (+ nodule classifier)",
-    task="embedding", variants=("B", "tiny"), default_variant="B",
+    kind="image",
+    inputs=(image_input(),), outputs=(embedding_output(), logits_output()),
+    primary_output="logits", variants=("B", "tiny"), default_variant="B",
     preprocess=dict(MAE_SPECS[0].preprocess),
     licence="CC-BY-NC-4.0", source="https://github.com/openmedlab/DeblurringMIM",
     build=build, remap=remap, labels=["class_0", "class_1"],

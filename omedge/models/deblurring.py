@@ -5,7 +5,7 @@ file with `fc_norm` + `head` gives the 2-class nodule classifier as well.
 """
 from ..errors import CheckpointError
 from .checkpoint import drop, strip_prefix, unwrap
-from .spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+from ..spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, embedding_output, image_input, logits_output
 from .vit import VIT_SIZES, VisionTransformer
 
 
@@ -34,7 +34,9 @@ def remap(raw):
 
 SPECS = [ModelSpec(
     id="deblurring-mae", title="DeblurringMIM MAE ViT-B/16 thyroid ultrasound encoder (+ nodule classifier)",
-    task="embedding", variants=("B", "tiny"), default_variant="B",
+    kind="image",
+    inputs=(image_input(),), outputs=(embedding_output(), logits_output()),
+    primary_output="logits", variants=("B", "tiny"), default_variant="B",
     preprocess={"color": "RGB", "grayscale": "replicate",
                 "blur": {"sigma": 1.1, "on": "grayscale"},
                 "resize": {"size": 256, "interpolation": "bicubic"}, "center_crop": 224,

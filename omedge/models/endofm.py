@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from ..errors import CheckpointError, InputError
 from .checkpoint import strip_prefix, unwrap
-from .spec import ModelSpec
+from ..spec import ModelSpec, TensorSpec, embedding_output, logits_output
 from .vit import VIT_SIZES, Attention, Mlp, PatchEmbed, _init_weights
 
 PRETRAIN_FRAMES = 8
@@ -140,10 +140,12 @@ def remap(raw):
 
 SPECS = [ModelSpec(
     id="endo-fm", title="Endo-FM endoscopy video encoder (TimeSformer-B/16, 8 frames; + PolypDiag classifier)",
-    task="embedding", variants=("B", "tiny"), default_variant="B",
-    preprocess={"kind": "video", "frames": 8, "sample_rate": 32, "fps": 30, "short_side": 224,
+    kind="video",
+    inputs=(TensorSpec("pixel_values", "NCTHW", shape=(None, 3, 8, 224, 224), dynamic={0: "batch"}),),
+    outputs=(embedding_output(), logits_output()), primary_output="logits", variants=("B", "tiny"), default_variant="B",
+    preprocess={"frames": 8, "sample_rate": 32, "fps": 30, "short_side": 224,
                 "center_crop": 224, "mean": [0.45, 0.45, 0.45], "std": [0.225, 0.225, 0.225], "color": "RGB"},
     licence="Apache-2.0", source="https://github.com/med-air/Endo-FM",
-    build=build, remap=remap, input_shape=(None, 3, 8, 224, 224), labels=["class_0", "class_1"],
+    build=build, remap=remap, labels=["class_0", "class_1"],
     notes="Input is a clip (batch, channels, frames, height, width). The PolypDiag release does not "
           "name its two classes, so they are class_0/class_1; pass --labels at export once known.")]

@@ -4,7 +4,7 @@ Tokens are [pretext, cls, patches] over a fixed sin-cos table whose two first ro
 are zero; global_pool='avg', so the output is fc_norm(mean of patch tokens), 768-d.
 """
 from .checkpoint import drop, strip_prefix, unwrap
-from .spec import ModelSpec
+from ..spec import ModelSpec, embedding_output, image_input
 from .vit import VIT_SIZES, VisionTransformer
 
 
@@ -26,7 +26,8 @@ def remap(raw):
 def _spec(stain: str, filename: str) -> ModelSpec:
     return ModelSpec(
         id=f"pathoduet-{stain.lower()}", title=f"PathoDuet {stain} pathology encoder (ViT-B/16, {filename})",
-        task="embedding", variants=("B", "tiny"), default_variant="B",
+        kind="image", inputs=(image_input(),), outputs=(embedding_output(),), primary_output="embedding",
+        variants=("B", "tiny"), default_variant="B",
         preprocess={"color": "RGB", "grayscale": "refuse",
                     "resize": {"size": 256, "interpolation": "bilinear"}, "center_crop": 224,
                     "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],

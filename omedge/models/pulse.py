@@ -14,14 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..spec import ModelSpec, TensorSpec
 
-SUMMARIES = [
-    {"id": "pulse-7b", "title": "PULSE-7bv5 medical LLM (BLOOM 7.1 B) -> GGUF", "task": "text-generation",
-     "variants": ["7b"], "licence": "AGPL-3.0 + BigScience RAIL"},
-    {"id": "pulse-20b", "title": "PULSE-20bv5 medical LLM (InternLM-20B, Llama format) -> GGUF",
-     "task": "text-generation", "variants": ["20b"], "licence": "AGPL-3.0 + InternLM licence"},
-]
-LLM_IDS = ("pulse", "pulse-7b", "pulse-20b")
 ARCHITECTURES = {"BloomForCausalLM": ("pulse-7b", "bloom"), "LlamaForCausalLM": ("pulse-20b", "llama")}
 LICENCE = "AGPL-3.0 (PULSE weights); base model terms also apply: BigScience RAIL (pulse-7b, bloomz-7b1-mt) / " \
           "InternLM licence (pulse-20b, InternLM-20B)"
@@ -39,6 +33,9 @@ MODES = {  # optional prefix of the first question
 }
 SAMPLING = {"top_k": 6, "top_p": 0.1, "temperature": 0.7}
 PRIMER = "Helper: "
+# The prompt format as data: stored in the manifest, applied by omedge.kinds.text_generation.
+PROMPT = {"system": SYSTEM, "modes": MODES, "user": "User: ", "assistant": "Helper: ", "primer": PRIMER,
+          "separator": "eos", "style": "PULSE demo: every segment tokenised alone and followed by </s>"}
 
 # Jinja template stored in the GGUF (tokenizer.chat_template), for llama.cpp-based tools.
 CHAT_TEMPLATE = (
@@ -49,21 +46,24 @@ CHAT_TEMPLATE = (
 
 
 def prompt_segments(messages: list[dict], mode: str | None = None) -> list[str]:
-    """The complete segments of a PULSE conversation (each is followed by `</s>`).
-    messages: [{'role': 'user'|'assistant', 'content': ...}]; mode: None, 'qa' or
-    'consultation' (prefix of the first question)."""
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"unknown PULSE mode '{mode}' (choose {', '.join(MODES)})")
-    segments = [SYSTEM]
-    first_user = True
-    for m in messages:
-        if m["role"] == "user":
-            prefix = MODES[mode] if (first_user and mode) else ""
-            first_user = False
-            segments.append(f"User: {prefix}{m['content']}")
-        elif m["role"] == "assistant":
-            segments.append(f"Helper: {m['content']}")
-    return segments
+    """The complete segments of a PULSE conversation (each is followed by `</s>`)."""
+    from ..kinds.text_generation import prompt_segments as segments
+    return segments(PROMPT, messages, mode)
+
+
+def _spec(model_id: str, variant: str, title: str, licence: str) -> ModelSpec:
+    return ModelSpec(
+        id=model_id, title=title, kind="text-generation", variants=(variant,), default_variant=variant,
+        inputs=(TensorSpec("input_ids", "NL", dtype="int64", shape=(1, None), dynamic={1: "length"}),),
+        outputs=(TensorSpec("logits", "NLC", shape=(1, None, None), dynamic={1: "length"}),),
+        primary_output="logits", preprocess={"prompt": PROMPT, "sampling": SAMPLING}, licence=licence,
+        source=SOURCE, exporter="omedge.exporters.llm:export_llm",
+        notes="Hugging Face folder -> GGUF -> llama.cpp; `omedge export pulse` detects 7b / 20b from the folder.")
+
+
+SPECS = [_spec("pulse-7b", "7b", "PULSE-7bv5 medical LLM (BLOOM 7.1 B) -> GGUF", "AGPL-3.0 + BigScience RAIL"),
+         _spec("pulse-20b", "20b", "PULSE-20bv5 medical LLM (InternLM-20B, Llama format) -> GGUF",
+               "AGPL-3.0 + InternLM licence")]
 
 
 @dataclass

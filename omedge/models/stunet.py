@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from ..errors import CheckpointError, InputError
 from .checkpoint import strip_prefix, unwrap
-from .spec import ModelSpec
+from ..spec import ModelSpec, TensorSpec
 
 TOTALSEG_STRIDES = ((2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 1, 2))
 WIDTH_MULTIPLIERS = (1, 2, 4, 8, 16, 16)
@@ -146,13 +146,18 @@ def remap(raw):
 
 SPECS = [ModelSpec(
     id="stu-net", title="STU-Net CT segmentation (nnU-Net residual U-Net; TotalSegmentator 104 classes)",
-    task="segmentation", variants=("S", "B", "L", "H", "tiny"), default_variant="B",
-    preprocess={"kind": "volume", "modality": "CT", "axis_order": "zyx", "target_spacing": [1.5, 1.5, 1.5],
+    kind="volume",
+    inputs=(TensorSpec("volume", "NCDHW", shape=(None, 1, None, None, None),
+                       dynamic={0: "batch", 2: "depth", 3: "height", 4: "width"},
+                       multiple_of={2: 16, 3: 16, 4: 32}),),
+    outputs=(TensorSpec("logits", "NCDHW", shape=(None, None, None, None, None),
+                        dynamic={0: "batch", 2: "depth", 3: "height", 4: "width"}),), primary_output="logits", variants=("S", "B", "L", "H", "tiny"), default_variant="B",
+    preprocess={"modality": "CT", "axis_order": "zyx", "target_spacing": [1.5, 1.5, 1.5],
                 "patch_size": [128, 128, 128], "normalization": "zscore_per_image", "zscore_eps": 1e-8,
                 "divisible_by": [16, 16, 32], "step": 0.5, "gaussian_sigma_scale": 0.125,
                 "mirror_axes": [0, 1, 2]},
     licence="Apache-2.0", source="https://github.com/uni-medical/STU-Net",
-    build=build, remap=remap, input_name="volume", input_shape=(None, 1, None, None, None),
+    build=build, remap=remap,
     labels=TOTALSEG_LABELS,
     notes="Input (N, 1, D, H, W) in nnU-Net's (z, y, x) order at 1.5 mm, z-scored over the whole image "
           "(nnU-Net 'nonCT' scheme: no clipping). D, H, W must be multiples of 16, 16, 32. Labels are the "

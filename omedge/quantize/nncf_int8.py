@@ -1,12 +1,12 @@
 """INT8 for OpenVINO IR with NNCF post-training quantization."""
 from __future__ import annotations
 
-import numpy as np
 
 
-def quantize_static(ov_model, calib: np.ndarray) -> tuple[object, dict]:
+def quantize_static(ov_model, calib: list[dict]) -> tuple[object, dict]:
+    """calib: feeds {input name: batch-1 array}, one per calibration sample."""
     import nncf
-    dataset = nncf.Dataset([x[None].astype(np.float32) for x in calib])
+    dataset = nncf.Dataset([dict(feed) for feed in calib])
     q = nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
     return q, {"method": "NNCF post-training quantization (model_type=TRANSFORMER)",
                "weights": "int8 per-channel", "activations": "int8 per-tensor",

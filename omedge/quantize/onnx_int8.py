@@ -9,7 +9,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 
@@ -20,7 +19,7 @@ def _activation_matmuls(model: onnx.ModelProto) -> list[str]:
             and not any(i in weights or i in produced_by_const for i in n.input)]
 
 
-def _reader(input_name: str, samples: np.ndarray):
+def _reader(samples: list[dict]):
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
@@ -28,13 +27,13 @@ def _reader(input_name: str, samples: np.ndarray):
             self.items = iter(samples)
 
         def get_next(self):
-            x = next(self.items, None)
-            return None if x is None else {input_name: x[None].astype(np.float32)}
+            return next(self.items, None)
 
     return Reader()
 
 
-def quantize_static(src: Path, dst: Path, input_name: str, calib: np.ndarray) -> dict:
+def quantize_static(src: Path, dst: Path, calib: list[dict]) -> dict:
+    """calib: feeds {input name: batch-1 array}, one per calibration sample."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static as qs
     from onnxruntime.quantization.shape_inference import quant_pre_process
     from ..exporters.onnx import uses_external_data
@@ -44,7 +43,7 @@ def quantize_static(src: Path, dst: Path, input_name: str, calib: np.ndarray) ->
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=large,
                           all_tensors_to_one_file=True, external_data_location="pre.onnx.data")
         excluded = _activation_matmuls(onnx.load(str(pre), load_external_data=False))
-        qs(str(pre), str(dst), _reader(input_name, calib), quant_format=QuantFormat.QDQ, per_channel=True,
+        qs(str(pre), str(dst), _reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
            op_types_to_quantize=["MatMul", "Gemm", "Conv"], nodes_to_exclude=excluded,
            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large)

@@ -1,120 +1,97 @@
-"""Predictor: a verified bundle + the best backend here, behind one `predict`."""
+"""Predictor: a verified bundle + the best backend here. Each kind subclasses it with
+its own entry points (predict, segment, stream, score, ...); this class only opens
+the bundle, chooses the backend and runs graphs."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from ..bundle import read_manifest, verify_files
+from ..bundle import bundle_file, verify_files
 from ..errors import BackendUnavailableError, InputError, OmedgeError
-from .backend import backend_class
-from .preprocess import as_items, clip_from_frames, preprocess, preprocess_frame
+from ..manifest import Manifest, read_manifest
+from .backends import backend_class
 
 DEVICES = ("auto", "cpu", "cuda", "gpu", "npu")
-BACKENDS = ("auto", "onnxruntime", "openvino")
+MODES = ("latency", "throughput")
+
+
+def open_bundle(bundle) -> tuple[Path, Manifest]:
+    """Manifest hash and schema first, then every file's hash, before anything loads."""
+    path = Path(bundle)
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    return path, manifest
 
 
 class Predictor:
+    backends: tuple[str, ...] = ("auto", "onnxruntime", "openvino")
+
     def __init__(self, bundle, device="auto", backend="auto", threads=None, artifact=None, mode="latency"):
-        from ..devices import plan
-        if device not in DEVICES:
-            raise InputError(f"unknown device '{device}'", f"choose one of {', '.join(DEVICES)}")
-        if backend not in BACKENDS:
-            raise InputError(f"unknown backend '{backend}'", f"choose one of {', '.join(BACKENDS)}")
-        if mode not in ("latency", "throughput"):
-            raise InputError(f"unknown mode '{mode}'", "choose latency or throughput")
-        self.path = Path(bundle)
-        self.manifest = read_manifest(self.path)
-        verify_files(self.path, self.manifest)  # every hash, before anything is loaded
-        artifacts = self.manifest["artifacts"]
+        from .plan import plan
+        self._check_choice("device", device, DEVICES)
+        self._check_choice("backend", backend, self.backends)
+        self._check_choice("mode", mode, MODES)
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise InputError(f"threads must be a positive integer, got {threads!r}")
+        self.path, self.manifest = open_bundle(bundle)
+        artifacts = self.manifest.artifacts
         if artifact is not None:
-            artifacts = [a for a in artifacts if a["name"] == artifact]
+            artifacts = [a for a in artifacts if a.name == artifact]
             if not artifacts:
-                names = ", ".join(a["name"] for a in self.manifest["artifacts"])
+                names = ", ".join(a.name for a in self.manifest.artifacts)
                 raise InputError(f"bundle has no artifact '{artifact}'", f"it has: {names}")
         candidates, self.skipped = plan(artifacts, device, backend)
-        self.backend = None
+        self.backend, self.artifact = self._open_first(candidates, device, backend, threads, mode)
+        self.labels = self.manifest.labels
+        self.input_name = self.manifest.inputs[0]["name"]
+
+    def _check_choice(self, what, value, allowed):
+        if value not in allowed:
+            raise InputError(f"unknown {what} {value!r}: this bundle cannot honour it",
+                             f"choose one of {', '.join(allowed)}")
+
+    def backend_options(self, art, name: str, threads, mode) -> dict:
+        return {**art.runtime.get(name, {}), "threads": threads, "mode": mode}
+
+    def _open_first(self, candidates, device, backend, threads, mode):
         for art, name, dev in candidates:
-            options = {**art.get("runtime", {}).get(name, {}), "threads": threads, "mode": mode}
-            files = {"model": self.path / art["entry"]}
+            files = {"model": bundle_file(self.path, art.entry, self.manifest)}
             try:
-                self.backend = backend_class(name)(files, dev, options)
+                return backend_class(name)(files, dev, self.backend_options(art, name, threads, mode)), art
             except (OmedgeError, RuntimeError) as e:
                 if device != "auto" and backend != "auto":
-                    raise BackendUnavailableError(f"{name} could not open {art['name']} on {dev}: {e}") from e
-                self.skipped.append(f"{name} on {dev} ({art['name']}): failed to start: {e}")
-                continue
-            self.artifact = art
-            break
-        if self.backend is None:
-            raise BackendUnavailableError(
-                f"nothing in {self.path.name} can run here with device={device}, backend={backend}",
-                "; ".join(self.skipped) or "the bundle lists no artifacts")
-        self.input_name = self.manifest["input"]["name"]
-        self.labels = self.manifest.get("labels")
+                    raise BackendUnavailableError(f"{name} could not open {art.name} on {dev}: {e}") from None
+                self.skipped.append(f"{name} on {dev} ({art.name}): failed to start: {e}")
+        raise BackendUnavailableError(
+            f"nothing in {self.path.name} can run here with device={device}, backend={backend}",
+            "; ".join(self.skipped) or "the bundle lists no artifacts")
 
-    def run(self, batch: np.ndarray, batch_size: int = 8) -> dict:
-        """Run preprocessed NCHW float32 arrays, in chunks of `batch_size`."""
+    def run(self, batch, batch_size: int = 8) -> dict:
+        """Preprocessed inputs (an array for the first graph input, or a dict of
+        arrays), run in chunks of `batch_size` along axis 0."""
+        feeds = batch if isinstance(batch, dict) else {self.input_name: batch}
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+        n = len(next(iter(feeds.values())))
         step = min(batch_size, self.backend.max_batch or batch_size)
-        chunks = [{self.input_name: batch[i:i + step].astype(np.float32)} for i in range(0, len(batch), step)]
+        dtypes = {i["name"]: i["dtype"] for i in self.manifest.inputs}
+        chunks = [{k: v[i:i + step].astype(dtypes.get(k, "float32"), copy=False) for k, v in feeds.items()}
+                  for i in range(0, n, step)]
         parts = self.backend.run_many(chunks)
         if len(parts) == 1:  # no copy (a 3-D window's logits can be a GB)
             return parts[0]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def predict(self, images, batch_size: int = 8, return_dict: bool = False):
-        """Images (paths, PIL images, HWC arrays, or a list / NHWC batch of them) ->
-        the primary output, one row per image (a dict of all outputs with return_dict)."""
-        outputs = self.run(self.prepare(images), batch_size)
-        if return_dict:
-            if "logits" in outputs and self.labels:
-                outputs["probabilities"] = _softmax(outputs["logits"])
-                outputs["labels"] = [self.labels[i] for i in outputs["logits"].argmax(-1)]
-            return outputs
-        return outputs[self.manifest["primary_output"]]
-
-    def prepare(self, inputs) -> np.ndarray:
-        """Images -> NCHW; for clip models, clips (T frames each: a THWC array or a list
-        of frames) -> NCTHW."""
-        pre = self.manifest["preprocess"]
-        if pre.get("kind") != "video":
-            return preprocess(inputs, pre)
-        clips = [inputs] if isinstance(inputs, np.ndarray) and inputs.ndim == 4 else as_items(inputs)
-        if clips and isinstance(clips[0], np.ndarray) and clips[0].ndim == 3:
-            clips = [clips]  # one clip given as a list of frames
-        return np.stack([clip_from_frames([preprocess_frame(f, pre) for f in clip], pre["frames"])
-                         for clip in clips])
-
-    def segment(self, volume, tta: bool = False, batch_size: int = 2, progress=None):
-        """A CT/MR volume (NIfTI path, DICOM series folder or io.volume.Volume) -> label
-        map on the input's grid (NIfTI voxel order) and the Volume it belongs to."""
-        from ..io.volume import Volume, read_volume
-        from .volume import segment
-        pre = self.manifest["preprocess"]
-        if pre.get("kind") != "volume":
-            raise InputError(f"{self.path.name} is not a segmentation bundle")
-        vol = volume if isinstance(volume, Volume) else read_volume(volume)
-        labels = segment(vol, lambda b: self.run(b, batch_size=batch_size)["logits"], pre,
-                         batch_size=batch_size, mirror=tta, progress=progress)
-        return labels, vol
-
-    def stream(self, source, stride: int | None = None, fps: float | None = None, queue_size: int = 8,
-               drop: str | None = None):
-        """Timestamped results for a video file, a folder of frames or a live iterator
-        of frames; see omedge.runtime.stream. Counters: `last_stream_stats`."""
-        from .stream import stream
-        return stream(self, source, stride=stride, fps=fps, queue_size=queue_size, drop=drop)
-
     def describe(self) -> dict:
         """What really runs: read back from the backend session, not assumed."""
         m = self.manifest
-        return {"bundle": str(self.path), "model": m["model"]["id"], "variant": m["model"]["variant"],
-                "weights": m["weights"]["source"], "artifact": self.artifact["name"],
-                "format": self.artifact["format"], "precision": self.artifact["precision"],
-                **self.backend.describe(), "parity": self.artifact.get("parity", {}).get("passed"),
-                "skipped": self.skipped}
+        return {"bundle": str(self.path), "model": m.model["id"], "variant": m.model["variant"],
+                "kind": m.kind, "weights": m.weights["source"], "artifact": self.artifact.name,
+                "format": self.artifact.format, "precision": self.artifact.precision,
+                **self.backend.describe(), "parity": self.artifact.parity.get("passed"), "skipped": self.skipped}
 
 
-def _softmax(x):
+def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)

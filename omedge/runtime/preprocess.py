@@ -14,8 +14,8 @@ _RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1}  # PIL cod
 
 
 def opencv_gaussian_kernel(sigma: float, uint8: bool) -> np.ndarray:
-    """The kernel cv2.GaussianBlur(img, (0, 0), sigma) uses: size from sigma as OpenCV
-    derives it (3 sigma each side for 8-bit images, 4 sigma otherwise), odd."""
+    """The float kernel cv2.GaussianBlur(img, (0, 0), sigma) uses on float images: size
+    from sigma as OpenCV derives it (4 sigma each side), odd."""
     size = int(round(sigma * (3 if uint8 else 4) * 2 + 1)) | 1
     x = np.arange(size) - (size - 1) / 2
     k = np.exp(-(x ** 2) / (2 * sigma ** 2))
@@ -23,8 +23,12 @@ def opencv_gaussian_kernel(sigma: float, uint8: bool) -> np.ndarray:
 
 
 def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable blur with OpenCV's default border (reflect-101), HxW or HxWxC."""
+    """cv2.GaussianBlur(img, (0, 0), sigma), HxW or HxWxC: bit-exact on 8-bit images (OpenCV's
+    fixed-point path, io.opencv_compat), float separable with reflect-101 otherwise."""
     is_u8 = img.dtype == np.uint8
+    if is_u8:
+        from ..io.opencv_compat import gaussian_blur_u8
+        return gaussian_blur_u8(img, sigma)
     k = opencv_gaussian_kernel(sigma, is_u8)
     r = len(k) // 2
     out = img.astype(np.float64)
@@ -40,9 +44,13 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def to_gray(img: np.ndarray) -> np.ndarray:
-    """ITU-R 601 luma, the weights cv2.imread(..., IMREAD_GRAYSCALE) and PIL's 'L' use."""
-    gray = img[..., 0] * 0.299 + img[..., 1] * 0.587 + img[..., 2] * 0.114
-    return np.round(gray).astype(np.uint8) if img.dtype == np.uint8 else gray.astype(np.float32)
+    """Grey from a decoded RGB array as cv2.cvtColor(RGB2GRAY) computes it (fixed point).
+    Files are read with io.opencv_compat.imread_gray instead, which follows each
+    decoder's own rule, as the official cv2.imread(path, IMREAD_GRAYSCALE) does."""
+    if img.dtype == np.uint8:
+        from ..io.opencv_compat import to_gray_like_cv2
+        return to_gray_like_cv2(img, "cvtcolor")
+    return (img[..., 0] * 0.299 + img[..., 1] * 0.587 + img[..., 2] * 0.114).astype(np.float32)
 
 
 def resize_short_side(img: np.ndarray, size: int, interpolation: str) -> np.ndarray:
@@ -80,7 +88,10 @@ def preprocess_one(item, spec: dict) -> np.ndarray:
     if "blur" in spec:
         blur = spec["blur"]
         if blur.get("on") == "grayscale":
-            img = to_gray(img)
+            from pathlib import Path
+
+            from ..io.opencv_compat import imread_gray
+            img = imread_gray(item) if isinstance(item, (str, Path)) else to_gray(img)
         img = gaussian_blur(img, blur["sigma"])
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)

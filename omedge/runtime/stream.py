@@ -18,7 +18,6 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.video import DecodeStats, iter_frames
-from .preprocess import clip_from_frames, preprocess_frame, preprocess_one
 
 log = logging.getLogger("omedge.stream")
 _END = object()
@@ -83,15 +82,13 @@ def stream(predictor, source, stride: int | None = None, fps: float | None = Non
     """Results for a stream. source: video path, folder of frames, or an iterable of
     frames / (timestamp_s, frame). drop: "block" (files: never lose a frame),
     "oldest" or "newest" (live sources: keep latency bounded)."""
-    pre = predictor.manifest["preprocess"]
-    video = pre.get("kind") == "video"
-    n_frames = pre["frames"] if video else 1
-    stride = stride or (n_frames if video else 1)
+    n_frames, interval, prepare, make_batch = predictor.stream_plan()
+    stride = stride or n_frames
     live = not isinstance(source, (str, bytes)) and not hasattr(source, "is_dir")
     drop = drop or ("oldest" if live else "block")
     if drop not in ("block", "oldest", "newest"):
         raise InputError(f"unknown drop policy '{drop}'", "choose block, oldest or newest")
-    sampler = TimeSampler(pre["sample_rate"] / pre["fps"]) if video else None
+    sampler = TimeSampler(interval) if interval else None
     stats, decode = StreamStats(), DecodeStats()
     q: queue.Queue = queue.Queue(maxsize=queue_size)
     stop = threading.Event()
@@ -110,7 +107,7 @@ def stream(predictor, source, stride: int | None = None, fps: float | None = Non
             if sampler and not sampler.take(t):
                 continue
             try:
-                x = preprocess_frame(frame, pre) if video else preprocess_one(frame, pre)
+                x = prepare(frame)
             except InputError as e:
                 stats.corrupt += 1
                 log.warning("skipping frame at %.3f s: %s", t, e.message)
@@ -124,21 +121,19 @@ def stream(predictor, source, stride: int | None = None, fps: float | None = Non
             since_last += 1
             if len(window) == n_frames and since_last >= stride:
                 since_last = 0
-                yield _result(predictor, window, n_frames, video, index, stats)
+                yield _result(predictor, window, make_batch, index, stats)
                 index += 1
-        if video and index == 0 and window:  # shorter than one clip: pad as the official loader does
+        if n_frames > 1 and index == 0 and window:  # shorter than one clip: pad as the official loader does
             stats.padded_frames = n_frames - len(window)
-            yield _result(predictor, window, n_frames, video, index, stats)
+            yield _result(predictor, window, make_batch, index, stats)
     finally:
         stop.set()
         stats.corrupt += decode.corrupt
         predictor.last_stream_stats = asdict(stats)
 
 
-def _result(predictor, window, n_frames, video, index, stats) -> dict:
-    frames = [x for _, x, _ in window]
-    batch = clip_from_frames(frames, n_frames)[None] if video else frames[-1][None]
-    outputs = predictor.run(batch, batch_size=1)
+def _result(predictor, window, make_batch, index, stats) -> dict:
+    outputs = predictor.run(make_batch([x for _, x, _ in window]), batch_size=1)
     done = time.perf_counter()
     stats.results += 1
     result = {"index": index, "t_start": window[0][0], "t_end": window[-1][0],

@@ -157,12 +157,10 @@ def dice_per_class(ref: np.ndarray, got: np.ndarray, min_voxels: int = 10) -> di
     return out
 
 
-def volume_dice(run, phantom: Volume, ref_labels: np.ndarray, pre: dict, precision: str) -> tuple[dict, list]:
+def volume_dice(run, phantom: Volume, ref_labels: np.ndarray, pre: dict, gate: float) -> tuple[dict, list]:
     """Segment the phantom with `run` through the full pipeline; per-class Dice against
     the reference label map, and the gate failures."""
-    from ..parity import DICE_GATES
     dice = dice_per_class(ref_labels, segment(phantom, run, pre))
-    gate = DICE_GATES["int8" if precision.startswith("int8") else precision]
     worst = min(dice.values()) if dice else 1.0
     failures = [f"volume Dice {worst:.4f} < {gate} (class {min(dice, key=dice.get)})"] if worst < gate else []
     return {"per_class": dice, "min": worst, "classes": len(dice), "gate": gate,

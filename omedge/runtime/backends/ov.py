@@ -6,8 +6,8 @@ import threading
 import numpy as np
 import openvino as ov
 
-from ..errors import BackendUnavailableError
-from .backend import Backend
+from ...errors import BackendUnavailableError
+from . import Backend
 
 DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
 WHY_NOT = {
@@ -47,7 +47,11 @@ class OpenVINOBackend(Backend):
         reason = self.probe()["devices"].get(device, f"unknown device '{device}'")
         if reason:
             raise BackendUnavailableError(f"openvino cannot use device '{device}': {reason}")
-        model = core().read_model(str(files["model"]))
+        try:
+            model = core().read_model(str(files["model"]))
+        except RuntimeError as e:
+            raise BackendUnavailableError(f"openvino cannot read {files['model'].name}: {str(e)[:300]}",
+                                          "re-export the bundle with this omedge and openvino") from None
         self.max_batch = None
         if device == "npu":  # the NPU compiler needs static shapes
             model.reshape({model.inputs[0].any_name: [1, *list(model.inputs[0].get_partial_shape())[1:]]})
@@ -66,7 +70,8 @@ class OpenVINOBackend(Backend):
             config["INFERENCE_NUM_THREADS"] = int(options["threads"])
         self.device = device
         self.compiled = core().compile_model(model, DEVICES[device], config)
-        self.output_names = [o.any_name for o in self.compiled.outputs]
+        self.inputs = [i.any_name for i in self.compiled.inputs]
+        self.outputs = [o.any_name for o in self.compiled.outputs]
         self._local = threading.local()
 
     def run(self, inputs: dict) -> dict:
@@ -75,7 +80,7 @@ class OpenVINOBackend(Backend):
             request = self._local.request = self.compiled.create_infer_request()
         request.infer({k: np.ascontiguousarray(v) for k, v in inputs.items()})
         return {name: request.get_tensor(out).data.copy()
-                for name, out in zip(self.output_names, self.compiled.outputs)}
+                for name, out in zip(self.outputs, self.compiled.outputs)}
 
     def run_many(self, chunks: list[dict]) -> list[dict]:
         if self.mode != "throughput" or len(chunks) == 1:

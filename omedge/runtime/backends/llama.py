@@ -3,9 +3,12 @@ when the installed build has it and a GPU is present."""
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
-from ..errors import BackendUnavailableError
-from .backend import Backend
+import numpy as np
+
+from ...errors import BackendUnavailableError
+from . import TextBackend
 
 INSTALL = "pip install 'omedge[llm]' with CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" (see README)"
 
@@ -27,13 +30,14 @@ def amx_risk() -> str | None:
     return None
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(TextBackend):
+    """The only place that constructs `llama_cpp.Llama`."""
     name = "llama.cpp"
 
     @staticmethod
     def probe() -> dict:
         import llama_cpp
-        from ..devices import nvidia_gpus
+        from ...devices import nvidia_gpus
         offload = bool(llama_cpp.llama_supports_gpu_offload())
         cuda = None
         if not offload:
@@ -56,10 +60,44 @@ class LlamaCppBackend(Backend):
         self.device = device
         self.n_gpu_layers = -1 if device == "cuda" else 0
         self.threads = options.get("threads") or max(1, len(os.sched_getaffinity(0)))
-        self.llm = llama_cpp.Llama(model_path=str(files["model"]), n_ctx=options.get("n_ctx") or 0,
-                                   n_threads=self.threads, n_gpu_layers=self.n_gpu_layers,
-                                   logits_all=bool(options.get("logits_all")), verbose=False)
+        try:
+            # a vocab-only model has no trained context: give it a small one to open
+            n_ctx = options.get("n_ctx") or (64 if options.get("vocab_only") else 0)
+            self.llm = llama_cpp.Llama(model_path=str(files["model"]), n_ctx=n_ctx,
+                                       n_threads=self.threads, n_gpu_layers=self.n_gpu_layers,
+                                       logits_all=bool(options.get("logits_all")),
+                                       vocab_only=bool(options.get("vocab_only")), verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise BackendUnavailableError(f"llama.cpp cannot open {files['model'].name}: {e}",
+                                          "re-export the bundle with this omedge") from None
         self.max_batch = None
+        self.inputs, self.outputs = ["input_ids"], ["logits"]
+
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+
+    def detokenize(self, ids: list[int]) -> bytes:
+        return self.llm.detokenize(ids)
+
+    def eos(self) -> int:
+        return self.llm.token_eos()
+
+    def n_ctx(self) -> int:
+        return self.llm.n_ctx()
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Needs options logits_all=True at open."""
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
+
+    def run(self, inputs: dict) -> dict:
+        return {"logits": self.logits([int(i) for i in np.asarray(inputs["input_ids"]).reshape(-1)])[None]}
+
+    def generate(self, ids: list[int], sampling: dict) -> Iterator[int]:
+        """Sampled token ids after `ids`; the caller closes the generator to stop."""
+        return self.llm.generate(ids, top_k=sampling.get("top_k", 40), top_p=sampling.get("top_p", 0.95),
+                                 temp=sampling.get("temperature", 0.8), reset=True)
 
     def describe(self) -> dict:
         import llama_cpp

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import BackendUnavailableError
-from .backend import Backend
+from ...errors import BackendUnavailableError
+from . import Backend
 
 PROVIDERS = {  # omedge device -> execution provider (first choice)
     "cpu": "CPUExecutionProvider",
@@ -28,7 +28,7 @@ class OnnxRuntimeBackend(Backend):
 
     @staticmethod
     def probe() -> dict:
-        from ..devices import nvidia_gpus
+        from ...devices import nvidia_gpus
         available = ort.get_available_providers()
         devices = {}
         for dev, provider in PROVIDERS.items():
@@ -54,18 +54,22 @@ class OnnxRuntimeBackend(Backend):
             (provider, {"device_type": device.upper()}) if provider.startswith("OpenVINO") else provider,
             "CPUExecutionProvider"]
         self.device = device
-        self.session = ort.InferenceSession(str(files["model"]), sess_options=so, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(files["model"]), sess_options=so, providers=providers)
+        except Exception as e:  # onnxruntime's own types (Fail, InvalidGraph, ...) share no base
+            raise BackendUnavailableError(f"onnxruntime cannot open {files['model'].name}: {str(e)[:300]}",
+                                          "re-export the bundle with this omedge and onnxruntime") from None
         used = self.session.get_providers()
         if used[0] != provider:  # onnxruntime drops a provider it cannot load, silently
             raise BackendUnavailableError(f"onnxruntime could not start {provider} (session runs {used})",
                                           WHY_NOT.get(device, ""))
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
         self.max_batch = None
 
     def run(self, inputs: dict) -> dict:
-        outs = self.session.run(self.output_names, {k: np.ascontiguousarray(v) for k, v in inputs.items()})
-        return dict(zip(self.output_names, outs))
+        outs = self.session.run(self.outputs, {k: np.ascontiguousarray(v) for k, v in inputs.items()})
+        return dict(zip(self.outputs, outs))
 
     def describe(self) -> dict:
         so = self.session.get_session_options()

@@ -1,0 +1,137 @@
+"""The `omedge` command: parse, call the Python API, print. Errors are printed without
+a traceback (unless --debug) and exit with the error's own code."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from ..errors import OmedgeError
+from ..kinds import all_kinds
+from .commands import (bench_table, cmd_bench, cmd_chat, cmd_devices, cmd_export, cmd_models, cmd_predict,  # noqa: F401
+                       cmd_verify, console, out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="omedge", description="Export OpenMEDLab models to verified offline bundles "
+                                 "and run them on the hardware at hand.")
+    ap.add_argument("--version", action="version", version=f"omedge {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add in (_add_models, _add_devices, _add_export, _add_predict, _add_chat, _add_bench, _add_verify):
+        add(sub)
+    return ap
+
+
+def _add_models(sub):
+    s = sub.add_parser("models", help="list model ids, variants, tasks, licences")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models)
+
+
+def _add_devices(sub):
+    s = sub.add_parser("devices", help="hardware found, usable backends, and why not")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_devices)
+
+
+def _add_export(sub):
+    s = sub.add_parser("export", help="checkpoint -> verified bundle")
+    s.add_argument("model", help="model id (see `omedge models`)")
+    s.add_argument("--weights", help="official checkpoint (.pth/.pt/.bin/.safetensors)")
+    s.add_argument("--random-weights", action="store_true", help="seeded random weights (pipeline demo only)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--variant", help="model size; detected from the checkpoint when omitted")
+    s.add_argument("--format", default="onnx", help="comma list: onnx,openvino")
+    prec = s.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true")
+    prec.add_argument("--bf16", action="store_true", help="OpenVINO bf16 execution")
+    prec.add_argument("--int8", action="store_true", help="static INT8; needs --calib")
+    prec.add_argument("--int8-dynamic", action="store_true", help="INT8 weights, no calibration")
+    prec.add_argument("--int4", action="store_true", help="GGUF Q4_K_M (PULSE)")
+    s.add_argument("--quant", help="GGUF type for PULSE: Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0, F16")
+    s.add_argument("--keep-f16", action="store_true", help="keep the F16 GGUF intermediate in the bundle")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--calib", help="folder of calibration images, or 'synthetic'")
+    s.add_argument("--calib-size", type=int, default=64)
+    s.add_argument("--verify-data", help="folder of images for the parity check")
+    s.add_argument("--labels", help="comma list of class names for a classifier head")
+    s.add_argument("--frames", type=int, help="video models: frames per clip (Endo-FM default 8)")
+    s.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (only for trusted files)")
+    s.add_argument("-o", "--output", help="bundle folder (.omedge)")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--force", action="store_true", help="keep a bundle that fails parity (marked in the manifest)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_export)
+
+
+def _add_predict(sub):
+    s = sub.add_parser("predict", help="run a bundle on its inputs (images, videos, volumes, sequences, prompts)")
+    s.add_argument("bundle")
+    s.add_argument("inputs", nargs="*")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "npu"])
+    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino", "llama.cpp"])
+    s.add_argument("--threads", type=int)
+    s.add_argument("--batch-size", type=int, help="images per run (default 8; volumes: windows per run, 2)")
+    s.add_argument("-o", "--output", help="where to write the result (volumes: the label map, .nii.gz)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    s.add_argument("--json", action="store_true")
+    for kind in all_kinds():  # each kind adds the arguments only it reads
+        kind.add_cli_arguments(s.add_argument_group(f"{kind.name} bundles"))
+    s.set_defaults(func=cmd_predict)
+
+
+def _add_chat(sub):
+    s = sub.add_parser("chat", help="interactive chat with an LLM bundle (streaming)")
+    s.add_argument("bundle")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--threads", type=int)
+    s.add_argument("--max-tokens", type=int, default=512)
+    s.add_argument("--prompt-mode", "--mode", dest="prompt_mode", choices=["qa", "consultation"])
+    s.set_defaults(func=cmd_chat)
+
+
+def _add_bench(sub):
+    s = sub.add_parser("bench", help="backend x precision table (bundle, or model id to export and compare)")
+    s.add_argument("target", help="a bundle folder or a model id")
+    s.add_argument("--weights")
+    s.add_argument("--variant")
+    s.add_argument("--calib")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--runs", type=int, default=20)
+    s.add_argument("--seconds", type=float, default=5.0, help="minimum timing time per variant")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--input", help="segmentation bundles: time whole-volume inference on this NIfTI / DICOM")
+    s.add_argument("--throughput", action="store_true",
+                   help="also measure with several requests in flight (OpenVINO streams)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bench)
+
+
+def _add_verify(sub):
+    s = sub.add_parser("verify", help="re-check hashes and parity on this machine")
+    s.add_argument("bundle")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_verify)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except OmedgeError as e:
+        if args.debug:
+            console.print_exception()
+        console.print(f"[bold red]error:[/bold red] {e.message}")
+        if e.hint:
+            console.print(f"  -> {e.hint}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/bold red]: nothing was left half-written")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

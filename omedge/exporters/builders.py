@@ -1,0 +1,85 @@
+"""One function per builder named in the recipe table (omedge.formats): fp32 ONNX ->
+the artifact's files inside the bundle folder. Returns (entry, files, quantization)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .onnx import onnx_files, onnx_load, save_onnx
+
+
+def _rel(paths, root: Path) -> list[str]:
+    return [p.relative_to(root).as_posix() for p in paths]
+
+
+def _onnx_target(root: Path, recipe, role: str) -> Path:
+    stem = "model" if role == "model" else role
+    return root / (f"{stem}.onnx" if recipe.precision == "fp32" else f"{stem}-{recipe.precision}.onnx")
+
+
+def onnx_fp32(src: Path, root: Path, recipe, role, calib):
+    dst = _onnx_target(root, recipe, role)
+    for f in onnx_files(src):  # the model and, past 2 GB, its weights file
+        target = dst.with_name(f.name.replace(src.name, dst.name))
+        if f.parent.stat().st_dev == target.parent.stat().st_dev:
+            os.link(f, target)
+        else:
+            shutil.copyfile(f, target)
+    return dst, None
+
+
+def onnx_fp16(src, root, recipe, role, calib):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    dst = _onnx_target(root, recipe, role)
+    save_onnx(convert_float_to_float16(onnx_load(src), keep_io_types=True), dst)
+    return dst, None
+
+
+def onnx_int8_static(src, root, recipe, role, calib):
+    from ..quantize import onnx_int8
+    dst = _onnx_target(root, recipe, role)
+    return dst, onnx_int8.quantize_static(src, dst, calib)
+
+
+def onnx_int8_dynamic(src, root, recipe, role, calib):
+    from ..quantize import onnx_int8
+    dst = _onnx_target(root, recipe, role)
+    return dst, onnx_int8.quantize_dynamic(src, dst)
+
+
+def _save_ir(ov_model, root: Path, recipe, role, quantization=None):
+    from . import openvino as ovx
+    stem = "model" if role == "model" else role
+    files = ovx.save_ir(ov_model, root / "openvino" / f"{stem}-{recipe.precision}.xml",
+                        compress_to_fp16=recipe.precision in ("fp16", "bf16"))
+    return files[0], quantization, files
+
+
+def openvino_ir(src, root, recipe, role, calib):
+    from . import openvino as ovx
+    entry, _, _ = _save_ir(ovx.convert(src), root, recipe, role)
+    return entry, None
+
+
+def openvino_int8_static(src, root, recipe, role, calib):
+    from ..quantize import nncf_int8
+    from . import openvino as ovx
+    model, info = nncf_int8.quantize_static(ovx.convert(src), calib)
+    return _save_ir(model, root, recipe, role)[0], info
+
+
+def openvino_int8_weights(src, root, recipe, role, calib):
+    from ..quantize import nncf_int8
+    from . import openvino as ovx
+    model, info = nncf_int8.compress_weights(ovx.convert(src))
+    return _save_ir(model, root, recipe, role)[0], info
+
+
+def build(recipe, src: Path, root: Path, role: str, calib) -> tuple[str, list[str], dict | None]:
+    entry, quantization = globals()[recipe.builder](src, root, recipe, role, calib)
+    if entry.suffix == ".xml":
+        files = [entry, entry.with_suffix(".bin")]
+    else:
+        files = onnx_files(entry)
+    return entry.relative_to(root).as_posix(), _rel(files, root), quantization

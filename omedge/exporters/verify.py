@@ -1,0 +1,41 @@
+"""Parity of one artifact on every installed backend that the recipe lists. The runtime
+only uses backends in `verified_backends`, so what runs is what was measured. The
+record shown is the first backend's that passed (else the first backend's)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ExportError
+from ..manifest import Artifact
+from ..runtime.backends import backend_class, probe
+
+
+def verify_artifact(art: Artifact, recipe, root: Path, kind, feeds: list[dict], reference: list[dict],
+                    extra: dict, pre: dict, overrides: dict) -> None:
+    results = {}
+    for backend in recipe.backends:
+        if probe(backend)["installed"]:
+            results[backend] = _verify_on(backend, art, recipe, root, kind, feeds, reference, extra, pre, overrides)
+    if not results:
+        raise ExportError(f"no backend that runs {art.name} is installed ({', '.join(recipe.backends)})",
+                          "pip install 'omedge[export]'")
+    art.verified_backends = [b for b, r in results.items() if r["passed"]]
+    chosen = dict(next((r for r in results.values() if r["passed"]), next(iter(results.values()))))
+    chosen["backends"] = {b: {"passed": r["passed"], "failures": r["failures"]} for b, r in results.items()}
+    chosen["passed"] = bool(art.verified_backends)
+    chosen["gate_class"] = recipe.gate
+    art.parity = chosen
+
+
+def _verify_on(backend, art, recipe, root, kind, feeds, reference, extra, pre, overrides) -> dict:
+    # bf16 is verified even where this CPU only emulates it: slow, but the numbers are bf16's
+    options = {**art.runtime.get(backend, {}), "allow_emulated_bf16": True}
+    runner = backend_class(backend)({"model": root / art.entry}, "cpu", options)
+    candidate = [runner.run(feed) for feed in feeds]  # batch 1, as the quantizer calibrated
+    result = kind.parity(reference, candidate, recipe.gate, overrides, feeds)
+    checks, failures = kind.pipeline_check(lambda b: runner.run({art.inputs[0]: b}), extra, pre, recipe.gate)
+    result.update(checks)
+    result["failures"] += failures
+    result["passed"] = not result["failures"]
+    result["measured_with"] = runner.describe()
+    return result

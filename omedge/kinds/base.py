@@ -1,0 +1,104 @@
+"""What every kind provides. The exporter, predictor, CLI, verify and bench call these
+hooks and never ask which kind they hold.
+
+Samples are lists of feeds: one dict {input name: array with a batch axis of 1} per
+calibration or verification sample, so kinds with variable-length inputs fit too.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError, UsageError
+
+
+class Kind:
+    name = ""
+    min_verify = 4                # verification samples at the least
+    store_float16 = True          # verification inputs stored as float16 (rounded before the reference)
+    cli_predict_help = ""
+
+    # -- build side ---------------------------------------------------------------
+    def export_request(self, spec, preprocess: dict, options: dict) -> tuple[dict, list[dict], dict]:
+        """(preprocess, input tensor dicts, build options) for kind-specific export
+        options (video: frames). The default accepts none."""
+        if options:
+            raise UsageError(f"{', '.join(options)} do not apply to {spec.id}: it is an {self.name} model",
+                             "frames apply to video models, plans to volume models")
+        return preprocess, [i.to_dict() for i in spec.inputs], {}
+
+    def folder_samples(self, source, pre: dict, limit: int | None, name: str) -> tuple[list[dict], list[str]]:
+        """Calibration / verification samples read from the user's folder or file."""
+        raise UsageError(f"{self.name} models take no calibration folder")
+
+    def synthetic_samples(self, n: int, seed: int, pre: dict, name: str) -> list[dict]:
+        raise NotImplementedError
+
+    def holdout(self, samples: list[dict], names: list[str], wanted: int):
+        """Every k-th sample (at most a quarter, at least one) verifies; the rest calibrates."""
+        if len(samples) < 2:
+            raise InputError(f"need at least 2 calibration samples (one is held out for verification), "
+                             f"got {len(samples)}")
+        wanted = max(1, min(wanted, len(samples) // 4))
+        k = max(2, len(samples) // wanted)
+        held = [i for i in range(k - 1, len(samples), k)][:wanted]
+        keep = [i for i in range(len(samples)) if i not in held]
+        return [samples[i] for i in keep], [samples[i] for i in held], [names[i] for i in held]
+
+    def pipeline_reference(self, run_torch, pre: dict, seed: int) -> dict:
+        """Arrays for a whole-pipeline check stored in parity.npz (volumes: a phantom)."""
+        return {}
+
+    def pipeline_check(self, run, stored: dict, pre: dict, gate: str) -> tuple[dict, list[str]]:
+        return {}, []
+
+    # -- parity -------------------------------------------------------------------
+    def parity(self, reference: list[dict], candidate: list[dict], gate: str, overrides: dict,
+               inputs: list[dict]) -> dict:
+        """The kind's metric of candidate outputs against the torch fp32 reference, per sample."""
+        raise NotImplementedError
+
+    # -- run side -----------------------------------------------------------------
+    def open(self, bundle, **options):
+        raise NotImplementedError
+
+    def add_cli_arguments(self, parser) -> None:
+        """Arguments of `omedge predict` that only this kind reads."""
+
+    def cli_predict(self, predictor, args, ui) -> int:
+        raise NotImplementedError
+
+    def verify(self, predictor, stored: dict, manifest) -> dict:
+        """Parity of an opened bundle against its stored reference: a row for `omedge verify`."""
+        from ..parity import load_samples
+        inputs, reference = load_samples(stored)
+        candidate = [predictor.run(feed, batch_size=1) for feed in inputs]
+        art = predictor.artifact
+        result = self.parity(reference, candidate, gate_class(art), manifest.model.get("parity", {}), inputs)
+        extra, failures = self.pipeline_check(lambda b: predictor.run(b, batch_size=2), stored,
+                                              manifest.preprocess, gate_class(art))
+        result.update(extra)
+        result["failures"] += failures
+        result["passed"] = not result["failures"]
+        return result
+
+
+def gate_class(artifact) -> str:
+    from ..formats import RECIPES
+    return RECIPES[(artifact.format, artifact.precision)].gate
+
+
+def paths_in(folder, suffixes: tuple[str, ...], what: str) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{what} folder not found: {folder}")
+    found = sorted(p for p in folder.iterdir() if p.name.lower().endswith(suffixes) or p.is_dir())
+    if not found:
+        raise InputError(f"no {what} files in {folder}", f"expected {', '.join(suffixes)}")
+    return found
+
+
+def stack(samples: list[dict]) -> dict:
+    """Samples of equal shape -> one batch dict."""
+    return {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}

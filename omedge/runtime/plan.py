@@ -1,0 +1,63 @@
+"""Which (artifact, backend, device) a bundle runs on here, in order, and why every
+other combination was skipped. Only artifacts verified on that very backend qualify."""
+from __future__ import annotations
+
+from ..devices import cpu_info
+from ..formats import backends_for
+from ..manifest import Artifact
+from .backends import INSTALL_HINT, probe
+
+AUTO_ORDER = ("cuda", "gpu", "cpu")  # npu only when asked for: batch 1, long first compile
+
+
+def backends_for_device(device: str) -> tuple[str, ...]:
+    if device == "cuda":
+        return ("onnxruntime", "llama.cpp")
+    if device in ("gpu", "npu"):
+        return ("openvino", "onnxruntime")
+    intel = cpu_info().get("vendor") == "GenuineIntel"
+    return (("openvino", "onnxruntime") if intel else ("onnxruntime", "openvino")) + ("llama.cpp",)
+
+
+def backend_report() -> dict:
+    """Every backend: installed or not, its devices and the reasons it cannot use others."""
+    return {name: probe(name) for name in INSTALL_HINT}
+
+
+def _usable(artifacts: list[Artifact], backend: str) -> list[Artifact]:
+    usable = [a for a in artifacts if backend in backends_for(a.format)]
+    usable.sort(key=lambda a: a.format != backend)  # a backend's own format first (IR for openvino)
+    return usable
+
+
+def plan(artifacts: list[Artifact], device: str = "auto", backend: str = "auto"):
+    """Returns (candidates, skipped): [(artifact, backend, device)] in the order to try,
+    and one human-readable line for each combination that cannot run here."""
+    devices = AUTO_ORDER if device == "auto" else (device,)
+    candidates, skipped, probes = [], [], {}
+    for dev in devices:
+        names = backends_for_device(dev)
+        if backend != "auto":
+            names = tuple(n for n in names if n == backend) or (backend,)
+        for name in names:
+            usable = _usable(artifacts, name)
+            if not usable:
+                if backend != "auto":  # only worth saying when this backend was asked for
+                    formats = ", ".join(sorted({a.format for a in artifacts}))
+                    skipped.append(f"{name} on {dev}: the bundle has no format it runs ({formats})")
+                continue
+            p = probes.setdefault(name, probe(name))
+            if not p["installed"]:
+                skipped.append(f"{name} on {dev}: {p['reason']} -> {p['hint']}")
+                continue
+            reason = p["devices"].get(dev, f"{name} does not support device '{dev}'")
+            if reason:
+                skipped.append(f"{name} on {dev}: {reason}")
+                continue
+            for a in usable:
+                if a.passed_on(name):
+                    candidates.append((a, name, dev))
+                else:
+                    skipped.append(f"{name} on {dev} ({a.name}): not verified on {name} at export "
+                                   "(failed or absent parity record), not used")
+    return candidates, skipped
