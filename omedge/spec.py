@@ -80,6 +80,7 @@ class ModelSpec:
     parity: dict = field(default_factory=dict)          # per-precision gate overrides
     default_options: dict = field(default_factory=dict)  # build options for random weights
     exporter: str | None = None          # "module:function" for families not exported from torch (GGUF)
+    official: dict = field(default_factory=dict)  # the official code the preprocessing reproduces
     notes: str = ""
 
     def outputs_for(self, options: dict) -> tuple[TensorSpec, ...]:
@@ -99,7 +100,8 @@ class ModelSpec:
     def summary(self) -> dict:
         return {"id": self.id, "title": self.title, "kind": self.kind, "variants": list(self.variants),
                 "default_variant": self.default_variant, "licence": self.licence, "source": self.source,
-                "outputs": [o.name + (f" (with {o.when})" if o.when else "") for o in self.outputs]}
+                "outputs": [o.name + (f" (with {o.when})" if o.when else "") for o in self.outputs],
+                "official": self.official, "preprocess": self.preprocess}
 
 
 def image_input(size: int = 224, name: str = "pixel_values") -> TensorSpec:

@@ -52,3 +52,29 @@ def test_run_side_modules_never_import_torch():
     offenders = [str(p.relative_to(PACKAGE)) for p in run_side
                  if re.search(r"^\s*(import torch|from torch|import nncf|import transformers)", p.read_text(), re.M)]
     assert not offenders
+
+
+def test_import_omedge_changes_nothing_in_the_callers_process():
+    import subprocess
+    import sys
+    code = ("import os, sys; env = dict(os.environ); mods = set(sys.modules); import omedge; "
+            "added = {m for m in set(sys.modules) - mods if not m.startswith('omedge')}; "
+            "blocked = [m for m, v in sys.modules.items() if v is None]; "
+            "assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items()); "
+            "assert not blocked, blocked; assert 'openvino' not in added and 'torch' not in added, added; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_plans_reader_works_without_numpy_underscore_core(monkeypatch):
+    """numpy 1 has no numpy._core: the plans reader falls back to numpy.core."""
+    import sys
+    import warnings
+
+    from omedge.models import nnunet_plans
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import numpy.core.multiarray  # noqa: F401  (numpy 2's shim, cached before the block)
+    monkeypatch.setitem(sys.modules, "numpy._core.multiarray", None)
+    assert nnunet_plans._multiarray().__name__.endswith("multiarray")
+    assert nnunet_plans._multiarray() is sys.modules["numpy.core.multiarray"]

@@ -103,3 +103,24 @@ def test_stunet_b_single_patch_export_parity(tmp_path):
     for got, min_agree in ((got_ort, 0.9995), (got_ov, 0.999)):
         assert cosine_rows(ref, got)[0] > 0.9999
         assert (ref.argmax(1) == got.argmax(1)).mean() > min_agree
+
+
+def test_prime_650m_onnx_external_data_int8_dynamic(tmp_path):
+    """The real PRIME size: 570 official tensors (651 M parameters, 2.6 GB) load strictly,
+    export to ONNX with external data and a dynamic length, quantize to dynamic INT8, and
+    keep the mutation-score ranking (Spearman) of torch fp32."""
+    from omedge.models import prime
+    from tests.models.test_prime import synth_official
+    sd = synth_official("lm", seed=0, **prime.SIZES["650M"])
+    assert len(sd) == 570
+    torch.save(sd, tmp_path / "prime.pt")
+    del sd
+    b = omedge.export("prime", tmp_path / "prime.pt", formats=["onnx"], precision="int8-dynamic", verify_size=4,
+                      out=tmp_path / "prime-int8")
+    m = read_manifest(b)
+    assert m["model"]["variant"] == "650M" and abs(m["model"]["parameters"] - 651_074_593) < 1000
+    art = m["artifacts"][0]
+    assert art["parity"]["passed"] and art["parity"]["outputs"]["log_probs"]["spearman_min"] >= 0.99
+    (tmp_path / "prime.pt").unlink()
+    rows = omedge.load(b).score("MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", ["K2A", "T3W", "Y5F:I6G"])
+    assert len(rows) == 3 and all(abs(r["score"]) < 100 for r in rows)

@@ -57,6 +57,8 @@ def _add_export(sub):
     s.add_argument("--verify-data", help="folder of images for the parity check")
     s.add_argument("--labels", help="comma list of class names for a classifier head")
     s.add_argument("--frames", type=int, help="video models: frames per clip (Endo-FM default 8)")
+    s.add_argument("--crop", choices=["official", "center"],
+                   help="video models: the official evaluation's left/top crop (default) or a centre crop")
     s.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (only for trusted files)")
     s.add_argument("-o", "--output", help="bundle folder (.omedge)")
     s.add_argument("--overwrite", action="store_true")

@@ -97,7 +97,7 @@ def cmd_export(args):
     if spec.exporter and args.quant and precision != "fp32":
         raise UsageError("give either --quant or one of --int4/--int8/--fp16")
     options = {"labels": [s.strip() for s in args.labels.split(",")] if args.labels else None,
-               "frames": args.frames}
+               "frames": args.frames, "crop": args.crop}
     if spec.exporter:
         options = {"quant": args.quant, "keep_f16": args.keep_f16 or None, "threads": args.threads}
     with console.status("exporting") as status, _library_output_to_stderr():

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import __version__, offline
 from ..bundle import BundleWriter, bundle_path, sha256
-from ..errors import ParityError, UsageError
+from ..errors import ExportError, ParityError, UsageError
 from ..formats import GGUF_FOR_FLAG, recipe
 from ..kinds import get_kind
 from ..manifest import Artifact, Manifest
@@ -211,8 +211,26 @@ class _Job:
                     self.log(f"WARNING: {art.name} failed parity, kept because of --force")
                 artifacts.append(art)
             shutil.rmtree(work, ignore_errors=True)
+            self.constants = self._save_constants(writer.dir)
             save_samples(writer.dir / "parity.npz", self.verify_feeds, self.ref, self.extra, self.kind.store_float16)
             return writer.commit(self._manifest(artifacts, n_params, onnx_info))
+
+    def _save_constants(self, root: Path) -> dict:
+        """Arrays the spec declares as constants (e.g. CITE's class-text embeddings), from
+        the model's `constants()`, stored as .npy beside the graphs and hashed like them."""
+        if not self.spec.constants:
+            return {}
+        values = {k: v.detach().cpu().numpy() for k, v in self.model.constants().items()}
+        missing = [c for c in self.spec.constants if c not in values]
+        if missing:
+            raise ExportError(f"{self.spec.id} declares constants {', '.join(missing)} that its model does not give")
+        (root / "constants").mkdir()
+        out = {}
+        for name in self.spec.constants:
+            np.save(root / "constants" / f"{name}.npy", values[name], allow_pickle=False)
+            out[name] = {"file": f"constants/{name}.npy", "shape": list(values[name].shape),
+                         "dtype": str(values[name].dtype)}
+        return out
 
     def _first_inputs(self):
         return [self.verify_feeds[0][i["name"]] for i in self.inputs]
@@ -224,8 +242,9 @@ class _Job:
                    "options": self.options, "licence": spec.licence, "source": spec.source,
                    "parameters": int(n_params), "notes": spec.notes, "parity": spec.parity},
             weights=self.weights_info, inputs=self.inputs, outputs=self.outputs,
-            primary_output=spec.primary_for(self.options), labels=self.labels, preprocess=self.pre,
-            artifacts=artifacts, calibration=self.calib_info,
+            primary_output=spec.primary_for(self.options), labels=self.labels,
+            preprocess={**self.pre, "official": spec.official},
+            artifacts=artifacts, constants=self.constants, calibration=self.calib_info,
             verification={"file": "parity.npz", "samples": len(self.verify_feeds), **self.verify_info,
                           "reference": "torch fp32 eager on this machine"},
             export={"onnx": onnx_info}, forced=any(not a.parity["passed"] for a in artifacts), tools=_versions())

@@ -3,12 +3,15 @@ the image encoders: it is fast, gives plain MatMul/Softmax attention nodes that 
 quantizers handle, and its graph is stable across torch releases."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from ..models.layers.stable_norm import stable_instance_norms
 
 OPSET = 17
 EXTERNAL_DATA_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB ceiling, with margin
@@ -32,9 +35,11 @@ def dynamic_axes(tensors: list[dict]) -> dict:
 
 
 def export_onnx(model, examples: tuple, path: Path, inputs: list[dict], outputs: list[dict],
-                opset: int = OPSET) -> dict:
+                opset: int = OPSET, stable_norm: bool = True) -> dict:
     """Write `path` (plus `path.data` when the weights pass 2 GB, e.g. STU-Net-H); return
-    a record for the manifest. Names and dynamic axes come from the declared tensors."""
+    a record for the manifest. Names and dynamic axes come from the declared tensors.
+    InstanceNorms are exported axis by axis (`stable_norm`): onnxruntime's own
+    InstanceNormalization is off by ~1e-4 on 128^3 volumes (layers/stable_norm.py)."""
     if isinstance(examples, torch.Tensor):
         examples = (examples,)
     input_names, output_names = [i["name"] for i in inputs], [o["name"] for o in outputs]
@@ -45,11 +50,12 @@ def export_onnx(model, examples: tuple, path: Path, inputs: list[dict], outputs:
     scratch = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=path.parent)) if external else None
     target = scratch / path.name if external else path
     dynamic = dynamic_axes(inputs + outputs)
-    with warnings.catch_warnings(), torch.no_grad():
+    # eval() on the wrapper too: the exporter restores the wrapper's mode afterwards,
+    # which would otherwise leave the model training (dropout on) for verification
+    wrapper = _TupleOutputs(model.eval(), output_names).eval()
+    with warnings.catch_warnings(), torch.no_grad(), _norms(wrapper, stable_norm) as n_norms:
         warnings.simplefilter("ignore")
-        # eval() on the wrapper too: the exporter restores the wrapper's mode afterwards,
-        # which would otherwise leave the model training (dropout on) for verification
-        torch.onnx.export(_TupleOutputs(model.eval(), output_names).eval(), tuple(examples), str(target),
+        torch.onnx.export(wrapper, tuple(examples), str(target),
                           input_names=input_names, output_names=output_names, dynamic_axes=dynamic,
                           opset_version=opset, dynamo=False, do_constant_folding=True)
     if external:
@@ -58,7 +64,13 @@ def export_onnx(model, examples: tuple, path: Path, inputs: list[dict], outputs:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return {"exporter": "torch.onnx (TorchScript)", "opset": opset, "external_data": external,
+            "stable_instance_norm": n_norms,
             "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in dynamic.items()}}
+
+
+def _norms(wrapper, stable: bool):
+    """The InstanceNorm swap, or a no-op yielding 0 (the plain InstanceNormalization export)."""
+    return stable_instance_norms(wrapper) if stable else contextlib.nullcontext(0)
 
 
 def gather_external_data(src: Path, dst: Path) -> list[Path]:

@@ -18,13 +18,21 @@ def describe_source(item) -> str:
     return type(item).__name__
 
 
-def read_image(item, grayscale: str = "replicate") -> np.ndarray:
+ALPHA_RULES = ("drop", "white")
+
+
+def read_image(item, grayscale: str = "replicate", alpha: str = "drop") -> np.ndarray:
     """Return an RGB image: uint8 HWC, or float32 HWC in [0, 1] for float arrays.
 
     grayscale: "replicate" copies one channel to three (what PIL's convert('RGB')
     does in the official loaders); "refuse" raises, for models whose input must be
     colour (H&E and IHC stains carry meaning in colour).
+    alpha: "drop" keeps the colour channels as they are, as the official loaders'
+    `convert('RGB')` does (OpenSlide's transparent pixels, 0,0,0,0, become black);
+    "white" composites onto white.
     """
+    if alpha not in ALPHA_RULES:
+        raise InputError(f"unknown alpha rule '{alpha}' in the manifest", f"known: {', '.join(ALPHA_RULES)}")
     from PIL import Image, UnidentifiedImageError
     name = describe_source(item)
     if isinstance(item, (str, Path)):
@@ -34,20 +42,20 @@ def read_image(item, grayscale: str = "replicate") -> np.ndarray:
         try:
             with Image.open(path) as img:
                 img.load()
-                return _from_pil(img, name, grayscale)
+                return _from_pil(img, name, grayscale, alpha)
         except UnidentifiedImageError as e:
             raise InputError(f"{name} is not a readable image", "supported: PNG, JPEG, TIFF, BMP, WebP") from e
         except OSError as e:
             raise InputError(f"{name} cannot be decoded ({e})", "the file is truncated or corrupt") from e
     if isinstance(item, Image.Image):
-        return _from_pil(item, name, grayscale)
+        return _from_pil(item, name, grayscale, alpha)
     if isinstance(item, np.ndarray):
-        return _from_array(item, name, grayscale)
+        return _from_array(item, name, grayscale, alpha)
     raise InputError(f"cannot use a {type(item).__name__} as an image",
                      "give a file path, a PIL image or a numpy array (HWC)")
 
 
-def _from_pil(img, name, grayscale):
+def _from_pil(img, name, grayscale, alpha):
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         raise InputError(f"{name} is a {mode} ({'16' if '16' in mode else '32'}-bit) image; the model expects 8-bit RGB",
@@ -58,13 +66,13 @@ def _from_pil(img, name, grayscale):
         img = img.convert("RGBA")
         mode = "RGBA"
     if mode in ("L", "LA"):
-        return _from_array(np.asarray(img.convert("L")), name, grayscale)
+        return _from_array(np.asarray(img.convert("L")), name, grayscale, alpha)
     if mode == "RGBA":
-        return _from_array(np.asarray(img), name, grayscale)
+        return _from_array(np.asarray(img), name, grayscale, alpha)
     return np.asarray(img.convert("RGB"))
 
 
-def _from_array(arr: np.ndarray, name: str, grayscale: str) -> np.ndarray:
+def _from_array(arr: np.ndarray, name: str, grayscale: str, alpha: str = "drop") -> np.ndarray:
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
         raise InputError(f"{name} looks channels-first (CHW); images must be HWC",
                          "use arr.transpose(1, 2, 0)")
@@ -91,10 +99,12 @@ def _from_array(arr: np.ndarray, name: str, grayscale: str) -> np.ndarray:
             raise InputError(f"{name} is grayscale; this model needs colour (RGB) input",
                              "give the original colour image (a stain's colour carries the signal)")
         return np.repeat(arr[..., None], 3, axis=2)
-    if arr.shape[-1] == 4:  # composite on white, as slide readers do for transparent areas
-        alpha = arr[..., 3:].astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0)
+    if arr.shape[-1] == 4 and alpha == "drop":  # PIL's convert('RGB'): the alpha channel is discarded
+        return np.ascontiguousarray(arr[..., :3])
+    if arr.shape[-1] == 4:  # composite on white
+        a = arr[..., 3:].astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0)
         top = 255.0 if arr.dtype == np.uint8 else 1.0
-        rgb = arr[..., :3].astype(np.float32) * alpha + top * (1 - alpha)
+        rgb = arr[..., :3].astype(np.float32) * a + top * (1 - a)
         return np.round(rgb).astype(np.uint8) if arr.dtype == np.uint8 else rgb.astype(np.float32)
     return arr
 

@@ -1,4 +1,5 @@
-"""Video kind: clips of T frames sampled by source time (Endo-FM), live streams."""
+"""Video kind: clips of T frames chosen as the official test loader chooses them (Endo-FM),
+from files and live streams (omedge.runtime.stream.ClipSampler)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,57 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, UsageError
+from ..io.images import read_image
 from ..runtime.preprocess import as_items, clip_from_frames, preprocess_frame
+from ..runtime.stream import ClipPlan
 from .image import ImageKind, ImagePredictor, stream_report, synthetic_images
+
+CROP_CHOICES = {"official": "uniform-0", "center": "center"}  # export option -> manifest "crop"
+
+
+def file_clock(path, seconds: float) -> tuple[float, float | None]:
+    """(average fps, end of clip 0's decode range in s, or None) of a video file, as Endo-FM's
+    pyav_decode reads them: fps = average_rate; the range ends at pts int((span - 1) *
+    duration / frames) with span = seconds * fps; no range when the stream gives no duration
+    or frame count (the loader then decodes everything). Files that do not open get 30 fps;
+    reading them fails later, with the reader's message."""
+    import av
+    try:
+        with av.open(str(path)) as container:
+            s = container.streams.video[0]
+            fps = float(s.average_rate) if s.average_rate else 30.0
+            if s.duration is None or not s.frames or s.time_base is None:
+                return fps, None
+            return fps, int((seconds * fps - 1) * (s.duration / s.frames)) * float(s.time_base)
+    except (av.error.FFmpegError, IndexError, OSError):
+        return 30.0, None
+
+
+def clip_plan(pre: dict) -> ClipPlan:
+    """The manifest's sampling as a ClipPlan: `frames` over frames * sample_rate / fps s."""
+    if pre.get("sampling", "linspace") != "linspace":
+        raise InputError(f"unknown clip sampling '{pre['sampling']}' in the manifest",
+                         "re-export the bundle with this omedge version")
+    return ClipPlan(pre["frames"], pre["sample_rate"] * pre["frames"] / pre["fps"],
+                    check=lambda f: read_image(f, pre.get("grayscale", "replicate"), pre.get("alpha", "drop")),
+                    clock=file_clock)
+
+
+def first_clip(source, pre: dict) -> np.ndarray:
+    """CTHW: the first clip of a video file or frame folder, as the official test loader
+    (single clip, clip_idx 0) takes it."""
+    from ..io.video import iter_frames
+    from ..runtime.stream import StreamStats, clip_windows
+    plan = clip_plan(pre)
+    windows = clip_windows(((t, f, 0.0) for t, f in iter_frames(source)), plan.sampler(source, None, pre["frames"]),
+                           plan.check, lambda f: preprocess_frame(f, pre), StreamStats())
+    try:
+        window, _ = next(windows, (None, 0))
+    finally:
+        windows.close()
+    if window is None:
+        raise InputError(f"{source} has no decodable frames")
+    return clip_from_frames([x for _, x, _ in window], pre["frames"])
 
 
 class VideoPredictor(ImagePredictor):
@@ -20,8 +70,9 @@ class VideoPredictor(ImagePredictor):
         return np.stack([clip_from_frames([preprocess_frame(f, pre) for f in clip], pre["frames"]) for clip in clips])
 
     def stream_plan(self):
+        """(frames per clip, how clips are sampled, frame -> CHW, frames -> batch)."""
         pre = self.manifest.preprocess
-        return (pre["frames"], pre["sample_rate"] / pre["fps"], lambda f: preprocess_frame(f, pre),
+        return (pre["frames"], clip_plan(pre), lambda f: preprocess_frame(f, pre),
                 lambda xs: clip_from_frames(xs, pre["frames"])[None])
 
 
@@ -30,9 +81,10 @@ class VideoKind(ImageKind):
     predictor = VideoPredictor
 
     def export_request(self, spec, preprocess, options):
-        """--frames: the clip length; the 8-row time table is resized as the official code does."""
+        """frames: the clip length (the 8-row time table is resized as the official code does).
+        crop: "official" (the official evaluation's uniform crop 0, the default) or "center"."""
         options = dict(options)
-        frames = options.pop("frames", None)
+        frames, crop = options.pop("frames", None), options.pop("crop", None)
         preprocess, inputs, build = super().export_request(spec, preprocess, options)
         if frames is not None:
             if frames < 1:
@@ -40,25 +92,27 @@ class VideoKind(ImageKind):
             preprocess = {**preprocess, "frames": frames}
             inputs = [{**i, "shape": [*i["shape"][:2], frames, *i["shape"][3:]]} for i in inputs]
             build["num_frames"] = frames
+        if crop is not None:
+            if crop not in CROP_CHOICES:
+                raise UsageError(f"unknown crop '{crop}'", "choose official (the official evaluation's "
+                                 "left/top crop, the default) or center")
+            preprocess = {**preprocess, "crop": CROP_CHOICES[crop]}
+            if crop == "center":
+                preprocess["crop_note"] = ("centre crop chosen at export; the official evaluation takes "
+                                           "uniform crop 0 (left, or top for portrait frames)")
         return preprocess, inputs, build
 
     def folder_samples(self, source, pre, limit, name="pixel_values"):
-        """The first clip of each video (or frame sub-folder) in `source`, at the model's rate."""
-        from ..io.video import VIDEO_SUFFIXES, iter_frames
-        from ..runtime.stream import TimeSampler
+        """The first clip of each video (or frame sub-folder) in `source`, as the official
+        test loader takes it."""
+        from ..io.video import VIDEO_SUFFIXES
         from .base import paths_in
         feeds, names = [], []
         for src in paths_in(source, tuple(VIDEO_SUFFIXES), "video")[:limit or None]:
-            sampler, frames = TimeSampler(pre["sample_rate"] / pre["fps"]), []
             try:
-                for t, frame in iter_frames(src):
-                    if sampler.take(t):
-                        frames.append(preprocess_frame(frame, pre))
-                    if len(frames) == pre["frames"]:
-                        break
+                feeds.append({name: first_clip(src, pre)[None]})
             except InputError as e:
                 raise InputError(f"calibration clip {src} cannot be used: {e.message}", e.hint) from e
-            feeds.append({name: clip_from_frames(frames, pre["frames"])[None]})
             names.append(str(src))
         return feeds, names
 

@@ -20,8 +20,13 @@ SPECS = [ModelSpec(
     id="brow", title="BROW pathology WSI encoder (DINO ViT-B/16)", kind="image",
     inputs=(image_input(),), outputs=(embedding_output(),), primary_output="embedding",
     variants=("B", "tiny"), default_variant="B",
-    preprocess={"color": "RGB", "grayscale": "refuse", "center_crop": 224,
+    preprocess={"color": "RGB", "grayscale": "refuse", "alpha": "drop", "center_crop": 224,
                 "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
                 "expected_size": [256, 256], "note": "256 px tile read at WSI level 0"},
     licence="none stated by the authors", source="https://github.com/openmedlab/BROW",
-    build=build, remap=remap)]
+    build=build, remap=remap,
+    official={"repo": "openmedlab/BROW", "entry": "Slide-level multi-class subtyping task/feature_extract/"
+              "extract_features.py (extract_features); datasets.py (build_transform, SubDataset)",
+              "transform": "OpenSlide read_region(level 0, 256x256).convert('RGB') (alpha dropped) -> "
+                           "CenterCrop(224), no resize -> ToTensor -> Normalize(ImageNet)",
+              "output": "genmodel.py: DINO vit_base/16, CLS token after the final norm"})]

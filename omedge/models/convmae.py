@@ -136,7 +136,7 @@ SPECS = [ModelSpec(
     primary_output="logits", variants=("B", "tiny"), default_variant="B",
     preprocess=dict(MAE_SPECS[0].preprocess),
     licence="CC-BY-NC-4.0", source="https://github.com/openmedlab/DeblurringMIM",
-    build=build, remap=remap, labels=["class_0", "class_1"],
+    build=build, remap=remap, labels=["class_0", "class_1"], official=dict(MAE_SPECS[0].official),
     notes="Class order follows the training folders (ImageFolder, alphabetical); the release "
           "does not name them, so pass --labels at export, e.g. --labels benign,malignant. "
           "Encoder-only files give mean(norm(tokens)) without the pretraining-only "

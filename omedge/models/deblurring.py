@@ -32,12 +32,20 @@ def remap(raw):
     return sd, head_options(sd, "classifier")
 
 
+OFFICIAL = {"repo": "openmedlab/DeblurringMIM",
+            "entry": "blurred_images.py L46-49 (offline blur step) + main_finetune.py / util/datasets.py "
+                     "build_transform (eval branch L60-74)",
+            "transform": "cv2.imread(path, IMREAD_GRAYSCALE) -> cv2.GaussianBlur((0, 0), 1.1) -> single-channel "
+                         "file -> ImageFolder PIL .convert('RGB') -> Resize(256, bicubic) -> CenterCrop(224) -> "
+                         "ToTensor -> Normalize(ImageNet)",
+            "exactness": "grey decode and 8-bit blur reproduced bit for bit (omedge.io.opencv_compat)"}
+
 SPECS = [ModelSpec(
     id="deblurring-mae", title="DeblurringMIM MAE ViT-B/16 thyroid ultrasound encoder (+ nodule classifier)",
     kind="image",
     inputs=(image_input(),), outputs=(embedding_output(), logits_output()),
     primary_output="logits", variants=("B", "tiny"), default_variant="B",
-    preprocess={"color": "RGB", "grayscale": "replicate",
+    preprocess={"color": "RGB", "grayscale": "replicate", "alpha": "drop",
                 "blur": {"sigma": 1.1, "on": "grayscale"},
                 "resize": {"size": 256, "interpolation": "bicubic"}, "center_crop": 224,
                 "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
@@ -45,5 +53,6 @@ SPECS = [ModelSpec(
                         "-> Resize 256 bicubic -> CenterCrop 224 -> ImageNet mean/std"},
     licence="CC-BY-NC-4.0", source="https://github.com/openmedlab/DeblurringMIM",
     build=build, remap=remap, labels=["class_0", "class_1"],
+    official=OFFICIAL,
     notes="Class order follows the training folders (ImageFolder, alphabetical); the release "
           "does not name them, so pass --labels at export, e.g. --labels benign,malignant.")]

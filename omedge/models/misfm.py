@@ -142,6 +142,11 @@ def remap(raw):
     return sd, {"num_classes": int(sd[head].shape[0]), "in_channels": int(sd[stem].shape[1])}
 
 
+OFFICIAL = {"repo": "openmedlab/MIS-FM", "entry": "net_run.py test demo/{fmunet,pctnet}_pretrain.cfg (PyMIC 0.5.0)",
+            "transform": "SimpleITK NIfTI at its own spacing (no resampling) -> NormalizeWithMeanStd on channel 0: "
+                         "(x - mean) / (std + 1e-5) over the volume -> sliding window [64, 128, 128], "
+                         "stride [32, 64, 64]"}
+
 SPECS = [ModelSpec(
     id="mis-fm", title="MIS-FM FMUNet 3D CT segmentation foundation model (Volume Fusion pretrained)",
     kind="volume",
@@ -154,7 +159,7 @@ SPECS = [ModelSpec(
                 "zscore_eps": 1e-5, "patch_size": [64, 128, 128], "step": [0.5, 0.5, 0.5],
                 "gaussian_sigma_scale": 0.125, "divisible_by": [16, 16, 16]},
     licence="Apache-2.0", source="https://github.com/openmedlab/MIS-FM",
-    build=build, remap=remap,
+    build=build, remap=remap, official=OFFICIAL,
     notes="Input (N, 1, D, H, W), SimpleITK (z, y, x) order at the image's own spacing, z-scored over the "
           "whole image ((x - mean) / (std + 1e-5)). D, H, W must be multiples of 16. The pretraining file "
           "predicts the 5 Volume Fusion classes; fine-tune it (PyMIC) for a real task and pass --labels.")]

@@ -20,13 +20,21 @@ _ALLOWED = {
 }
 
 
+def _multiarray():
+    """numpy 2 renamed numpy.core to numpy._core; pickles of either numpy name one of them."""
+    try:
+        import numpy._core.multiarray as multiarray
+    except ImportError:  # numpy 1
+        import numpy.core.multiarray as multiarray
+    return multiarray
+
+
 class _PlainData(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("scalar", "_reconstruct"):
-            import numpy._core.multiarray as multiarray
-            return getattr(multiarray, name)
+            return getattr(_multiarray(), name)
         if module == "builtins" and name in ("set", "frozenset", "tuple", "list", "dict", "int", "float", "str"):
             import builtins
             return getattr(builtins, name)

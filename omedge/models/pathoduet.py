@@ -28,12 +28,18 @@ def _spec(stain: str, filename: str) -> ModelSpec:
         id=f"pathoduet-{stain.lower()}", title=f"PathoDuet {stain} pathology encoder (ViT-B/16, {filename})",
         kind="image", inputs=(image_input(),), outputs=(embedding_output(),), primary_output="embedding",
         variants=("B", "tiny"), default_variant="B",
-        preprocess={"color": "RGB", "grayscale": "refuse",
+        preprocess={"color": "RGB", "grayscale": "refuse", "alpha": "drop",
                     "resize": {"size": 256, "interpolation": "bilinear"}, "center_crop": 224,
                     "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
                     "note": "RGB scaled to [0,1], no mean/std normalisation (official)"},
         licence="CC-BY-NC-4.0", source="https://github.com/openmedlab/PathoDuet",
-        build=build, remap=remap)
+        build=build, remap=remap,
+        official={"repo": "openmedlab/PathoDuet", "entry": "README feature-extraction pipeline",
+                  "transform": "PIL .convert('RGB') -> Resize(256, bilinear) -> CenterCrop(224) -> ToTensor, "
+                               "no normalisation (README: 'we do not use a normalize function')",
+                  "why_not_main_lincls": "main_lincls.py cannot run as written: its validation transform "
+                                         "(L290-294) uses `normalize`, which is commented out at L268-269 "
+                                         "(NameError); the README pipeline above is the one reproduced"})
 
 
 SPECS = [_spec("HE", "checkpoint_HE.pth"), _spec("IHC", "checkpoint_IHC.pth")]

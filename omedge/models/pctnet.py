@@ -33,7 +33,7 @@ from ..errors import CheckpointError, InputError
 from ..spec import ModelSpec, TensorSpec
 from .checkpoint import strip_prefix, unwrap
 from .layers.swin3d import SwinLayer3D
-from .misfm import PRETEXT_CLASSES
+from .misfm import OFFICIAL, PRETEXT_CLASSES
 
 PCT_INPUT_SIZE = (64, 128, 128)
 # variant -> (feature_chns of the 5 levels, Swin depths and heads of the 3 coarse levels)
@@ -229,7 +229,7 @@ SPECS = [ModelSpec(
                 "zscore_eps": 1e-5, "patch_size": list(PCT_INPUT_SIZE), "step": [0.5, 0.5, 0.5],
                 "gaussian_sigma_scale": 0.125, "fixed_input_size": list(PCT_INPUT_SIZE)},
     licence="Apache-2.0", source="https://github.com/openmedlab/MIS-FM",
-    build=build_pctnet, remap=remap_pctnet,
+    build=build_pctnet, remap=remap_pctnet, official=dict(OFFICIAL),
     notes="Input (N, 1, 64, 128, 128) exactly: the Swin blocks are built for that size, so only the batch "
           "axis may be dynamic and the ONNX export must keep D, H, W static (sliding window patches of "
           "64x128x128, volumes smaller than a patch are padded). SimpleITK (z, y, x) order at the image's own "

@@ -280,6 +280,15 @@ _INPUTS = (TensorSpec("input_ids", "NL", dtype="int64", shape=(None, None), dyna
                       description="cls, residue ids 4-24, eos; every row one whole sequence"),)
 _PREPROCESS = {"alphabet": "esm2", "max_length": 4096, "embedding_rows": EMBEDDING_ROWS, "ambiguous": "refuse"}
 _SOURCE = "https://github.com/ai4protein/Prime"
+_ZERO_SHOT = {"repo": "ai4protein/Prime", "entry": "predict.py main -> prime/model.py ZeroShot; prime/utils.py "
+              "scan_max_mutant (4096 window), score_mutant",
+              "transform": "<cls> + sequence + <eos>, all-ones mask, one pass on the unmasked wild type, "
+                           "log_softmax; score = lp[1 + i, mt] - lp[1 + i, wt]; 'wt' scores 0",
+              "differences": "omedge refuses a wild-type mismatch (official: warning), sums the singles of a "
+                             "multi-mutant (official: one substitution only), refuses B/U/Z/O (official: "
+                             "IndexError past the 25-row embedding)"}
+_OGT = {"repo": "ai4protein/Prime", "entry": "notebooks/predict_ogt.ipynb: SupervisedRegression (prime/model.py)",
+        "transform": "<cls> + sequence + <eos>, one value per FASTA record"}
 
 SPECS = [
     ModelSpec(
@@ -288,7 +297,7 @@ SPECS = [
         outputs=(TensorSpec("log_probs", "NLC", shape=(None, None, LM_TOKENS), dynamic={0: "batch", 1: "length"},
                             description="log-softmax over ESM-2's 33 tokens at every position"),),
         primary_output="log_probs", preprocess=dict(_PREPROCESS), licence="MIT", source=_SOURCE,
-        build=build_lm, remap=remap_lm, parity={},
+        build=build_lm, remap=remap_lm, parity={}, official=_ZERO_SHOT,
         notes="prime.pt (the README's prime_base.pt): zero-shot mutation scoring from one wild-type pass."),
     ModelSpec(
         id="prime-ogt", title="PRIME optimal growth temperature regressor", kind="sequence",
@@ -296,6 +305,6 @@ SPECS = [
         outputs=(TensorSpec("ogt", "N", shape=(None,), dynamic={0: "batch"},
                             description="optimal growth temperature, degrees C"),),
         primary_output="ogt", preprocess=dict(_PREPROCESS), licence="MIT", source=_SOURCE,
-        build=build_ogt, remap=remap_ogt, parity={},
+        build=build_ogt, remap=remap_ogt, parity={}, official=_OGT,
         notes="prime_ogt.pt; prime_tm.pt / prime_topt.pt have the same layout but predict Tm / Topt."),
 ]

@@ -58,6 +58,10 @@ def _spec(model_id: str, variant: str, title: str, licence: str) -> ModelSpec:
         outputs=(TensorSpec("logits", "NLC", shape=(1, None, None), dynamic={1: "length"}),),
         primary_output="logits", preprocess={"prompt": PROMPT, "sampling": SAMPLING}, licence=licence,
         source=SOURCE, exporter="omedge.exporters.llm:export_llm",
+        official={"repo": "openmedlab/PULSE", "entry": "cli_demo.py main, web_demo_gradio.py predict",
+                  "transform": "system text + </s>, then 'User: ' + question + </s> and 'Helper: ' + answer + </s> "
+                               "per turn, generation primed with the first token of 'Helper: '; top_k 6, "
+                               "top_p 0.1, temperature 0.7"},
         notes="Hugging Face folder -> GGUF -> llama.cpp; `omedge export pulse` detects 7b / 20b from the folder.")
 
 

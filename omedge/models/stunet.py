@@ -158,6 +158,13 @@ SPECS = [ModelSpec(
                 "mirror_axes": [0, 1, 2]},
     licence="Apache-2.0", source="https://github.com/uni-medical/STU-Net",
     build=build, remap=remap,
+    official={"repo": "uni-medical/STU-Net", "entry": "nnUNet_predict -t 101 -m 3d_fullres -tr STUNetTrainer_base "
+              "(nnUNet-1.7.1 nnunet/inference/predict.py predict_from_folder; preprocessing/preprocessing.py "
+              "GenericPreprocessor.resample_and_normalize L226-311)",
+              "transform": "crop to non-zero -> resample to 1.5 mm (order 3) -> plans' 'nonCT' scheme: z-score "
+                           "over the volume, (x - mean) / (std + 1e-8), no clipping -> sliding window 128^3, "
+                           "step 0.5, Gaussian sigma patch/8, mirroring over (0, 1, 2) unless disabled",
+              "labels": "label_orders.json (not the TotalSegmentator order)"},
     labels=TOTALSEG_LABELS,
     notes="Input (N, 1, D, H, W) in nnU-Net's (z, y, x) order at 1.5 mm, z-scored over the whole image "
           "(nnU-Net 'nonCT' scheme: no clipping). D, H, W must be multiples of 16, 16, 32. Labels are the "

@@ -26,6 +26,7 @@ def open_bundle(bundle) -> tuple[Path, Manifest]:
 
 class Predictor:
     backends: tuple[str, ...] = ("auto", "onnxruntime", "openvino")
+    role = "model"   # which graph of the bundle this predictor runs (SAM-like kinds open one per role)
 
     def __init__(self, bundle, device="auto", backend="auto", threads=None, artifact=None, mode="latency"):
         from .plan import plan
@@ -35,7 +36,7 @@ class Predictor:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer, got {threads!r}")
         self.path, self.manifest = open_bundle(bundle)
-        artifacts = self.manifest.artifacts
+        artifacts = self.manifest.artifacts_for(self.role)
         if artifact is not None:
             artifacts = [a for a in artifacts if a.name == artifact]
             if not artifacts:
@@ -66,6 +67,14 @@ class Predictor:
         raise BackendUnavailableError(
             f"nothing in {self.path.name} can run here with device={device}, backend={backend}",
             "; ".join(self.skipped) or "the bundle lists no artifacts")
+
+    def constant(self, name: str) -> np.ndarray:
+        """A stored constant (e.g. class-text embeddings); its hash was checked at open."""
+        if name not in self.manifest.constants:
+            raise InputError(f"bundle has no constant '{name}'",
+                             f"it has: {', '.join(self.manifest.constants) or 'none'}")
+        path = bundle_file(self.path, self.manifest.constants[name]["file"], self.manifest)
+        return np.load(path, allow_pickle=False)
 
     def run(self, batch, batch_size: int = 8) -> dict:
         """Preprocessed inputs (an array for the first graph input, or a dict of

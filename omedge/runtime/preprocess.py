@@ -5,6 +5,8 @@ Pillow resize: the same call gives the same pixels as the research pipeline.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import InputError
@@ -84,7 +86,7 @@ def center_crop(img: np.ndarray, size: int, name: str) -> np.ndarray:
 def preprocess_one(item, spec: dict) -> np.ndarray:
     """One image -> CHW float32, following `spec` (the manifest's `preprocess`)."""
     name = describe_source(item)
-    img = read_image(item, spec.get("grayscale", "replicate"))
+    img = read_image(item, spec.get("grayscale", "replicate"), spec.get("alpha", "drop"))
     if "blur" in spec:
         blur = spec["blur"]
         if blur.get("on") == "grayscale":
@@ -120,14 +122,75 @@ def preprocess(images, spec: dict) -> np.ndarray:
     return np.stack([preprocess_one(item, spec) for item in items])
 
 
+# The video frame path follows med-air/Endo-FM's test loader instead (datasets/ucf101.py): the
+# frames are made float and normalised first, then scaled by F.interpolate (bilinear, half-pixel
+# centres, no antialiasing), then cropped; Pillow's antialiased resize would differ.
+FRAME_CROPS = {"uniform-0": 0, "uniform-1": 1, "uniform-2": 2, "center": 1}
+
+
+def short_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """Size after transform.random_short_side_scale_jitter(min = max = size): unchanged when
+    the short side is already `size`, else the long side is floor(long / short * size)."""
+    if min(h, w) == size:
+        return h, w
+    if w < h:
+        return math.floor(h / w * size), size
+    return size, math.floor(w / h * size)
+
+
+def bilinear_taps(n_in: int, n_out: int):
+    """(index0, index1, weight0, weight1) per output pixel along one axis, as
+    F.interpolate(mode="bilinear", align_corners=False, antialias=False) computes them:
+    source x = (i + 0.5) * scale - 0.5 with scale = n_in / n_out in float32, rounded once
+    (torch's AVX2/AVX-512 kernels fuse the multiply-add), negatives clamped to 0, the last
+    source pixel repeated at the far edge."""
+    f = np.float32
+    scale = np.float64(f(n_in) / f(n_out))
+    src = np.maximum((scale * (np.arange(n_out) + 0.5) - 0.5).astype(f), f(0))  # exact in float64, one rounding
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    lam = np.clip(src - i0.astype(f), f(0), f(1))
+    return i0, np.minimum(i0 + 1, n_in - 1), f(1) - lam, lam
+
+
+def uniform_crop_offsets(h: int, w: int, size: int, index: int, name: str) -> tuple[int, int]:
+    """(top, left) of transform.uniform_crop: index 1 is the middle (offsets rounded up),
+    0 the left crop, or the top one when the frame is taller than wide, 2 the right/bottom."""
+    if h < size or w < size:
+        raise InputError(f"{name} is {w}x{h} px after scaling; the crop needs {size}x{size}")
+    top, left = math.ceil((h - size) / 2), math.ceil((w - size) / 2)
+    if h > w:
+        top = (0, top, h - size)[index]
+    else:
+        left = (0, left, w - size)[index]
+    return top, left
+
+
 def preprocess_frame(frame, spec: dict) -> np.ndarray:
-    """One video frame -> CHW float32: short side to spec["short_side"], centre crop,
-    mean/std. Grayscale and RGBA frames are converted like still images."""
-    img = read_image(frame, spec.get("grayscale", "replicate"))
-    img = resize_short_side(img, spec["short_side"], spec.get("interpolation", "bilinear"))
-    img = center_crop(img, spec["center_crop"], describe_source(frame))
-    x = img.astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0)
-    x = (x - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
+    """One video frame -> CHW float32, in the official loader's order: /255 and mean/std
+    (tensor_normalize), short side to spec["short_side"] by float bilinear interpolation,
+    then spec["crop"] ("uniform-0": the official evaluation's left/top crop; "center").
+    Only the pixels the crop keeps are computed: the same values, a fraction of the work."""
+    mode, size = spec.get("crop", "center"), spec.get("crop_size", spec.get("center_crop"))
+    if mode not in FRAME_CROPS:
+        raise InputError(f"unknown video crop '{mode}' in the manifest", f"known: {', '.join(FRAME_CROPS)}")
+    if spec.get("interpolation", "bilinear") != "bilinear" or spec.get("antialias", False):
+        raise InputError("this runtime resizes video frames only with bilinear, no antialiasing",
+                         "re-export the bundle with this omedge version")
+    img = read_image(frame, spec.get("grayscale", "replicate"), spec.get("alpha", "drop"))
+    h, w = img.shape[:2]
+    new_h, new_w = short_side_size(h, w, spec["short_side"])
+    top, left = uniform_crop_offsets(new_h, new_w, size, FRAME_CROPS[mode], describe_source(frame))
+    r0, r1, wr0, wr1 = (a[top:top + size] for a in bilinear_taps(h, new_h))
+    c0, c1, wc0, wc1 = (a[left:left + size] for a in bilinear_taps(w, new_w))
+    mean, std = np.asarray(spec["mean"], np.float32), np.asarray(spec["std"], np.float32)
+    scale = 255.0 if img.dtype == np.uint8 else 1.0
+
+    def norm(rows, cols):  # normalising only the source pixels the crop reads: the same values
+        return (img[rows[:, None], cols[None, :]].astype(np.float32) / scale - mean) / std
+
+    def across(rows):  # interpolated along the width first, then the height, as torch does
+        return norm(rows, c0) * wc0[:, None] + norm(rows, c1) * wc1[:, None]
+    x = across(r0) * wr0[:, None, None] + across(r1) * wr1[:, None, None]
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import omedge
-from omedge.runtime.stream import TimeSampler
+from omedge.runtime.stream import ClipSampler
 from tests.video_files import frame_at, write_video
 
 
@@ -16,17 +16,19 @@ def us_bundle(tmp_path_factory, ckpt_dir):
                          formats=["onnx"], out=tmp_path_factory.mktemp("s") / "us")
 
 
-def test_time_sampler_follows_source_time_not_frame_count():
-    s = TimeSampler(32 / 30)
-    times_30 = [i / 30 for i in range(300)]
-    times_60 = [i / 60 for i in range(600)]
-    taken_30 = [t for t in times_30 if s.take(t)]
-    s = TimeSampler(32 / 30)
-    taken_60 = [t for t in times_60 if s.take(t)]
-    assert len(taken_30) == len(taken_60) == 10  # same real-time spacing at 30 and 60 fps
-    assert np.allclose(np.diff(taken_30), 32 / 30, atol=1 / 30)
-    s = TimeSampler(1.0)
-    assert [t for t in [0, 0.5, 1.0, 7.0, 7.2, 8.0] if s.take(t)] == [0, 1.0, 7.0, 8.0]  # a gap: no burst
+def test_clip_sampler_follows_source_time_not_frame_count():
+    """Live sources at 30 and 60 fps: one clip spans the same 8 * 32 / 30 s of source time."""
+    def first_clip_times(fps):
+        s = ClipSampler(8, 8 * 32 / 30, 8 * 32 / 30, positions=False)
+        for i in range(int(9 * fps)):
+            for ids in s.push(i, i / fps, i / fps)[1]:
+                return [k / fps for k in ids]
+    t30, t60 = first_clip_times(30), first_clip_times(60)
+    assert t30[-1] == pytest.approx(255 / 30) and np.allclose(t30, t60, atol=1 / 30)
+    s = ClipSampler(1, 1.0, 1.0, positions=False)  # one frame a second
+    times = [0, 0.5, 1.0, 7.0, 7.2, 8.0, 8.1]
+    taken = [times[ids[0]] for i, t in enumerate(times) for ids in s.push(i, t, t)[1]]
+    assert taken == [0, 1.0, 7.0, 8.0]  # a gap: no burst
 
 
 def test_frame_stream_matches_predict_and_counts(us_bundle):

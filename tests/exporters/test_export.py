@@ -169,3 +169,39 @@ def test_manifest_is_plain_json_with_hashes(brow_fp32_bundle):
     m = json.loads((brow_fp32_bundle / "manifest.json").read_text())
     assert set(m["files"]) == {"model.onnx", "openvino/model-fp32.xml", "openvino/model-fp32.bin", "parity.npz"}
     assert m["preprocess"]["center_crop"] == 224 and m["preprocess"]["mean"][0] == 0.485
+
+
+def test_declared_constants_are_stored_hashed_and_served(tmp_path, monkeypatch):
+    """A spec's constants (CITE's class-text embeddings, say) travel with the bundle."""
+    import torch
+
+    import omedge.models as models
+    from omedge.errors import BundleIntegrityError
+    from omedge.spec import ModelSpec, embedding_output, image_input
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 8)
+            self.register_buffer("text", torch.randn(3, 8))
+
+        def forward(self, x):
+            return {"embedding": self.proj(x.mean(dim=(2, 3)))}
+
+        def constants(self):
+            return {"class_text": self.text}
+
+    spec = ModelSpec(id="tiny-const", title="test", kind="image", variants=("tiny",), default_variant="tiny",
+                     inputs=(image_input(),), outputs=(embedding_output(),), primary_output="embedding",
+                     preprocess=dict(models.get_spec("brow").preprocess), licence="-", source="-",
+                     build=lambda variant: Tiny(), remap=None, constants=("class_text",))
+    real = models.all_specs
+    monkeypatch.setattr(models, "all_specs", lambda: {**real(), spec.id: spec})
+    b = omedge.export("tiny-const", random_weights=True, out=tmp_path / "c")
+    m = read_manifest(b)
+    assert m["constants"]["class_text"]["shape"] == [3, 8] and "constants/class_text.npy" in m["files"]
+    p = omedge.load(b)
+    assert p.constant("class_text").shape == (3, 8)
+    np.save(b / "constants" / "class_text.npy", np.zeros((3, 8), np.float32))
+    with pytest.raises(BundleIntegrityError, match="class_text"):
+        omedge.load(b)

@@ -85,3 +85,10 @@ def test_errors_are_clear_with_distinct_exit_codes(tmp_path, cli_bundle, ckpt_di
     assert r.returncode == 8 and "Traceback" in r.stderr
     r = omedge("export", "brow", "--weights", ckpt_dir / "brow_tiny.pth", "--int8", "-o", tmp_path / "y", check=False)
     assert r.returncode == 2 and "--calib" in r.stderr
+
+
+def test_models_json_names_the_official_code_each_bundle_reproduces():
+    r = subprocess.run([sys.executable, "-m", "omedge.cli", "models", "--json"], capture_output=True, text=True)
+    models = json.loads(r.stdout)
+    missing = [m["id"] for m in models if not (m["official"].get("entry") and m["official"].get("transform"))]
+    assert not missing and all(m["preprocess"] is not None and m["kind"] for m in models)

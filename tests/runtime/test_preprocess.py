@@ -105,14 +105,23 @@ def test_grayscale_refused_for_stains_replicated_for_ultrasound(tmp_path):
     assert np.allclose(x[0, 0] * 0.229 + 0.485, x[0, 1] * 0.224 + 0.456, atol=1e-5)
 
 
-def test_rgba_is_composited_on_white(tmp_path):
-    rgba = np.zeros((256, 256, 4), np.uint8)
-    rgba[..., 3] = 0  # fully transparent -> white, as slide readers render outside the tissue
-    x = preprocess(rgba, spec("pathoduet-he"))
-    assert np.allclose(x, 1.0)
+def test_alpha_follows_the_official_convert_rgb(tmp_path):
+    """The official loaders call PIL's convert('RGB'), which discards alpha: a transparent
+    band read by OpenSlide (0,0,0,0) is black, and any RGB under alpha 0 is kept as is."""
+    from PIL import Image as PILImage
+    rgba = np.random.default_rng(0).integers(0, 256, (256, 256, 4), dtype=np.uint8)
+    rgba[:64, :, :] = 0  # OpenSlide's transparent pixels
     p = tmp_path / "a.png"
-    Image.fromarray(rgba).save(p)
-    assert np.allclose(preprocess(p, spec("pathoduet-he")), 1.0)
+    PILImage.fromarray(rgba, "RGBA").save(p)
+    official = np.asarray(PILImage.open(p).convert("RGB"))
+    for source in (rgba, p):
+        x = preprocess(source, spec("pathoduet-he"))[0]  # [0, 1] scaling, no normalisation
+        assert np.array_equal(np.round(x.transpose(1, 2, 0) * 255).astype(np.uint8), official[16:240, 16:240])
+    white = {**spec("pathoduet-he"), "alpha": "white"}
+    rgba[..., 3] = 0
+    assert np.allclose(preprocess(rgba, white), 1.0)
+    with pytest.raises(InputError, match="alpha rule"):
+        preprocess(rgba, {**white, "alpha": "blend"})
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -14,7 +14,7 @@ from tests.conftest import manifest_dict as read_manifest
 from omedge.errors import BundleIntegrityError, CheckpointError
 from omedge.io.volume import read_volume
 from omedge.runtime.volume import synthetic_ct
-from tests.test_volume_io import nifti, write_dicom_series
+from tests.io.test_volume_io import nifti, write_dicom_series
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,9 @@ def test_endo_fm_bundle_is_a_verified_clip_classifier(endo_bundle):
     m = read_manifest(endo_bundle)
     assert m["inputs"][0]["layout"] == "NCTHW" and m["inputs"][0]["shape"] == [None, 3, 8, 224, 224]
     assert "logits" in [o["name"] for o in m["outputs"]] and m["labels"] == ["no_polyp", "polyp"]
+    pre = m["preprocess"]  # the official evaluation's choices, with where they come from
+    assert pre["crop"] == "uniform-0" and pre["sampling"] == "linspace" and not pre["antialias"]
+    assert set(pre["official"]) >= {"sampling", "crop", "resize", "entry"}
     for art in m["artifacts"]:
         assert art["parity"]["passed"] and art["parity"]["outputs"]["logits"]["top1_agreement"] == 1.0
 
@@ -54,40 +57,54 @@ def test_endo_fm_int8_calibrated_on_clips(tmp_path, polypdiag):
     assert m["artifacts"][0]["parity"]["outputs"]["embedding"]["cosine_min"] > 0.95
 
 
+OFFICIAL_30FPS = [0, 36, 72, 109, 145, 182, 218, 255]  # trunc(linspace(0, 8 * 32 / 30 * 30 - 1, 8))
+
+
 def test_stream_window_equals_the_same_clip_passed_whole(endo_bundle, tmp_path):
-    video = write_video(tmp_path / "colon.mp4", 540, fps=30, size=(96, 128))  # 18 s: two clips
+    from omedge.io.video import iter_video
+    video = write_video(tmp_path / "colon.mp4", 540, fps=30, size=(96, 128))  # 18 s: two whole clips
     p = omedge.load(endo_bundle)
     results = list(p.stream(video))
-    assert len(results) == 2 and p.last_stream_stats["frames_used"] == 17
-    # the official sampling: one frame every 32/30 s -> frames 0, 32, 64, ... of a 30 fps file
-    whole = p.predict([frame_at(i, (96, 128)) for i in range(0, 8 * 32, 32)], return_dict=True)
+    assert len(results) == 2 and p.last_stream_stats["frames_used"] == 17  # 8 + 8 + the third clip's first
+    whole = p.predict([frame_at(i, (96, 128)) for i in OFFICIAL_30FPS], return_dict=True)
     # decoding is lossy (H.264): compare with the decoded frames, not the originals
-    from omedge.io.video import iter_video
-    decoded = [f for k, (t, f) in enumerate(iter_video(video)) if k % 32 == 0][:8]
-    exact = p.predict(decoded, return_dict=True)
-    np.testing.assert_allclose(results[0]["outputs"]["logits"], exact["logits"][0], atol=1e-4)
-    assert results[0]["t_start"] == 0 and results[0]["t_end"] == pytest.approx(7 * 32 / 30, abs=0.02)
+    decoded = [f for _, f in iter_video(video)]
+    for k, start in enumerate((0, 256)):  # the next clip starts where this one's span ends
+        exact = p.predict([decoded[start + i] for i in OFFICIAL_30FPS], return_dict=True)
+        np.testing.assert_allclose(results[k]["outputs"]["logits"], exact["logits"][0], atol=1e-4)
+    assert results[0]["t_start"] == 0 and results[0]["t_end"] == pytest.approx(255 / 30, abs=0.002)
+    assert results[1]["t_start"] == pytest.approx(256 / 30, abs=0.002)
     assert results[0]["label"] in ("no_polyp", "polyp") and whole["logits"].shape == (1, 2)
 
 
-def test_video_shorter_than_a_clip_is_padded_like_the_official_loader(endo_bundle, tmp_path):
-    video = write_video(tmp_path / "short.mp4", 100, fps=30, size=(96, 128))  # 3.3 s: 4 sampled frames
+def test_video_shorter_than_a_clip_is_clamped_like_the_official_loader(endo_bundle, tmp_path):
+    from omedge.io.video import iter_video
+    video = write_video(tmp_path / "short.mp4", 100, fps=30, size=(96, 128))  # 3.3 s of an 8.5 s clip
     p = omedge.load(endo_bundle)
     results = list(p.stream(video))
-    assert len(results) == 1 and results[0]["padded_frames"] == 4
-    frames = [f for k, (t, f) in enumerate(__import__("omedge.io.video", fromlist=["x"]).iter_video(video))
-              if k % 32 == 0]
+    assert len(results) == 1 and results[0]["padded_frames"] == 5
+    decoded = [f for _, f in iter_video(video)]
+    clamped = [min(i, 99) for i in OFFICIAL_30FPS]  # 0, 36, 72, then the last frame five times
     np.testing.assert_allclose(results[0]["outputs"]["logits"],
-                               p.predict(frames + [frames[-1]] * 4, return_dict=True)["logits"][0], atol=1e-4)
+                               p.predict([decoded[i] for i in clamped], return_dict=True)["logits"][0], atol=1e-4)
 
 
-def test_variable_frame_rate_is_sampled_by_time(endo_bundle, tmp_path):
+def test_variable_frame_rate_is_indexed_like_the_official_decoder(endo_bundle, tmp_path):
+    """pyav_decode counts decoded frames at the file's average rate, not seconds."""
+    import av
+
+    from omedge.io.video import iter_video
     times = [i / 30 for i in range(150)] + [5 + i / 15 for i in range(150)]  # 30 fps, then 15 fps
     video = write_video(tmp_path / "vfr.mp4", 300, fps=30, size=(96, 128), times=times)
+    with av.open(str(video)) as c:
+        rate = float(c.streams.video[0].average_rate)  # 20 fps here
+    index = torch.linspace(0, 32 * 8 / 30 * rate - 1, 8).long().tolist()
     p = omedge.load(endo_bundle)
-    results = list(p.stream(video, stride=1))
-    starts = [r["t_end"] for r in results]
-    assert np.allclose(np.diff(starts), 32 / 30, atol=0.07)  # one sample per 1.07 s at both rates
+    results = list(p.stream(video))
+    decoded = [f for _, f in iter_video(video)]
+    np.testing.assert_allclose(results[0]["outputs"]["logits"],
+                               p.predict([decoded[i] for i in index], return_dict=True)["logits"][0], atol=1e-4)
+    assert results[0]["t_end"] == pytest.approx(times[index[-1]], abs=0.002) and len(results) == 1
 
 
 def test_predict_video_from_the_cli(endo_bundle, tmp_path):
@@ -123,9 +140,10 @@ def test_convmae_frame_classifier_bundle(tmp_path):
 
 
 def test_other_clip_length_resizes_time_embed_like_the_official_code(tmp_path, polypdiag):
-    b = omedge.export("endo-fm", polypdiag, frames=4, out=tmp_path / "t4")
+    b = omedge.export("endo-fm", polypdiag, frames=4, crop="center", out=tmp_path / "t4")
     m = read_manifest(b)
     assert m["preprocess"]["frames"] == 4 and m["inputs"][0]["shape"] == [None, 3, 4, 224, 224]
+    assert m["preprocess"]["crop"] == "center" and "crop_note" in m["preprocess"]
     assert m["artifacts"][0]["parity"]["passed"]
     p = omedge.load(b)
     clip = [frame_at(i, (96, 128)) for i in range(4)]
