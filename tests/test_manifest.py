@@ -32,6 +32,9 @@ def test_facts_come_from_the_spec(bundle):
     assert m.kind == "image" and m.inputs[0]["layout"] == "NCHW" and m.primary_output == "embedding"
     assert [o["name"] for o in m.outputs] == ["embedding"] and m.inputs[0]["dynamic"] == {"0": "batch"}
     assert not schema_errors(m.to_dict(), SCHEMA)
+    # every preprocessing choice names the official code it reproduces
+    assert m.preprocess["official"]["repo"] == "openmedlab/BROW" and "extract_features.py" in m.preprocess[
+        "official"]["entry"] and m.preprocess["alpha"] == "drop"
 
 
 def test_an_edited_manifest_is_refused(bundle, tmp_path):

@@ -92,3 +92,5 @@ def test_models_json_names_the_official_code_each_bundle_reproduces():
     models = json.loads(r.stdout)
     missing = [m["id"] for m in models if not (m["official"].get("entry") and m["official"].get("transform"))]
     assert not missing and all(m["preprocess"] is not None and m["kind"] for m in models)
+    duet = next(m for m in models if m["id"] == "pathoduet-he")  # why the README pipeline, not main_lincls.py
+    assert "main_lincls.py" in duet["official"]["why_not_main_lincls"] and duet["preprocess"]["std"] == [1, 1, 1]
