@@ -204,12 +204,9 @@ class _Job:
                 verify_artifact(art, r, writer.dir, self.kind, self.verify_feeds, self.ref, self.extra, self.pre,
                                 self.spec.parity)
                 if not art.parity["passed"]:
-                    if not force:
-                        raise ParityError(f"{art.name} failed its parity gate: {'; '.join(art.parity['failures'])}",
-                                          "no bundle was written; try another precision or more representative "
-                                          "calibration data, or pass --force to keep it (marked in the manifest)")
-                    self.log(f"WARNING: {art.name} failed parity, kept because of --force")
+                    self.log(f"WARNING: {art.name} failed parity: {'; '.join(art.parity['failures'])}")
                 artifacts.append(art)
+            _refuse_failures(artifacts, force)
             shutil.rmtree(work, ignore_errors=True)
             self.constants = self._save_constants(writer.dir)
             save_samples(writer.dir / "parity.npz", self.verify_feeds, self.ref, self.extra, self.kind.store_float16)
@@ -248,6 +245,22 @@ class _Job:
             verification={"file": "parity.npz", "samples": len(self.verify_feeds), **self.verify_info,
                           "reference": "torch fp32 eager on this machine"},
             export={"onnx": onnx_info}, forced=any(not a.parity["passed"] for a in artifacts), tools=_versions())
+
+
+def _refuse_failures(artifacts: list[Artifact], force: bool) -> None:
+    """Every artifact is verified first, so the refusal can say which formats passed."""
+    failed = [a for a in artifacts if not a.parity["passed"]]
+    if not failed or force:
+        return
+    passed = [a for a in artifacts if a.parity["passed"]]
+    hint = "no bundle was written; "
+    if passed:
+        hint += (f"{', '.join(a.name for a in passed)} passed: rerun with --format "
+                 f"{','.join(a.format for a in passed)} to keep only those, or ")
+    hint += ("try another precision or more representative calibration data, or pass --force to keep "
+             "the failing artifact (marked in the manifest; the runtime will not use it)")
+    raise ParityError("; ".join(f"{a.name} failed its parity gate: {'; '.join(a.parity['failures'])}"
+                                for a in failed), hint)
 
 
 def _labels(given, spec, reference: dict, options: dict) -> list[str] | None:

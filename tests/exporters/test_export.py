@@ -205,3 +205,19 @@ def test_declared_constants_are_stored_hashed_and_served(tmp_path, monkeypatch):
     np.save(b / "constants" / "class_text.npy", np.zeros((3, 8), np.float32))
     with pytest.raises(BundleIntegrityError, match="class_text"):
         omedge.load(b)
+
+
+def test_a_refusal_names_the_formats_that_passed(tmp_path, ckpt_dir, monkeypatch):
+    """All artifacts are verified before refusing, so the user is told what would work."""
+    real = exporters.verify.verify_artifact
+
+    def openvino_fails(art, *args, **kwargs):
+        real(art, *args, **kwargs)
+        if art.format == "openvino":
+            art.parity.update(passed=False, failures=["forced failure for the test"])
+            art.verified_backends = []
+    monkeypatch.setattr(exporters.verify, "verify_artifact", openvino_fails)
+    with pytest.raises(ParityError, match="openvino-fp32 failed") as e:
+        omedge.export("brow", ckpt_dir / "brow_tiny.pth", formats=["onnx", "openvino"], out=tmp_path / "b")
+    assert "onnx-fp32 passed: rerun with --format onnx" in e.value.hint
+    assert list(tmp_path.iterdir()) == []
