@@ -79,6 +79,11 @@ def concat(samples: list[dict]) -> dict:
     return {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
 
 
+def as_stored(feed: dict) -> dict:
+    """A feed as parity.npz keeps it: float inputs rounded to float16 (and back to float32)."""
+    return {k: v.astype(np.float16).astype(np.float32) if v.dtype.kind == "f" else v for k, v in feed.items()}
+
+
 def save_samples(path, inputs: list[dict], reference: list[dict], extra: dict | None = None, float16=True):
     """parity.npz: sample i's inputs as `in.i.NAME`, its torch outputs as `ref.i.NAME`."""
     arrays = {}

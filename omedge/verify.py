@@ -20,8 +20,7 @@ def verify(bundle, device: str = "cpu") -> dict:
     candidates, skipped = plan(manifest.artifacts, device)
     runs = []
     for art, backend, dev in candidates:
-        options = getattr(kind, "verify_options", lambda s: {})(stored)
-        p = kind.predictor(path, device=dev, backend=backend, artifact=art.name, **options)
+        p = kind.open(path, device=dev, backend=backend, artifact=art.name, **kind.verify_options(stored))
         result = kind.verify(p, stored, manifest)
         runs.append({"artifact": art.name, "backend": backend, "device": dev,
                      "inference_precision": p.describe().get("inference_precision"),

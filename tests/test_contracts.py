@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "omedge"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 # Kind dispatch belongs to omedge/kinds/: nobody else asks which kind a bundle is.
 _NAMES = r"(image|video|volume|sequence|text-generation|segmentation|classification|embedding)"
-KIND_SNIFFING = re.compile(r"(kind|task)\s*[!=]=\s*[\"']" + _NAMES + r"|(pre|preprocess)\w*(\[[\"']kind[\"']\]|\.get\([\"']kind)"
+KIND_SNIFFING = re.compile(r"(kind|task|kind\.name)\s*[!=]=\s*[\"']" + _NAMES + r"|(pre|preprocess)\w*(\[[\"']kind[\"']\]|\.get\([\"']kind)"
                            r"|\[[\"']task[\"']\]\s*==")
 
 

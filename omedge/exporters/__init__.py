@@ -23,7 +23,7 @@ from ..errors import ExportError, ParityError, UsageError
 from ..formats import GGUF_FOR_FLAG, recipe
 from ..kinds import get_kind
 from ..manifest import Artifact, Manifest
-from ..parity import save_samples
+from ..parity import as_stored, save_samples
 
 
 def _versions() -> dict:
@@ -104,9 +104,7 @@ class _Job:
             raise UsageError(f"no weights given for {spec.id}",
                              "pass --weights PATH (the official checkpoint), or --random-weights for a demo")
         kind = get_kind(spec.kind)
-        plans_file = Path(str(weights) + ".pkl") if weights is not None else None
-        if plans_file is not None and plans_file.is_file() and kind.name == "volume":
-            kind_options = {**kind_options, "plans": plans_file}
+        kind_options = {**kind.checkpoint_options(weights), **kind_options}
         pre, inputs, build_options = kind.export_request(spec, spec.preprocess, kind_options)
         if out is not None:
             bundle_path(out, overwrite)  # fail before the slow part
@@ -127,7 +125,7 @@ class _Job:
         """Calibration (static INT8) and verification samples: held out from the calibration
         data when there is some, else --verify-data, else synthetic."""
         kind, pre, name = self.kind, self.pre, self.inputs[0]["name"]
-        verify_size = min(verify_size, getattr(kind, "max_verify", verify_size))
+        verify_size = min(verify_size, kind.max_verify or verify_size)
         parts = []
         if calib is not None and str(calib) != "synthetic":
             self.log(f"reading calibration data from {calib}")
@@ -150,8 +148,7 @@ class _Job:
             parts += kind.synthetic_samples(n, seed + 2, pre, name)
             self.verify_info["synthetic"] = n
         if kind.store_float16:  # stored as float16: round first so the reference sees the same input
-            parts = [{k: v.astype(np.float16).astype(np.float32) if v.dtype.kind == "f" else v
-                      for k, v in f.items()} for f in parts]
+            parts = [as_stored(f) for f in parts]
         self.verify_feeds = parts
 
     def reference(self, labels, seed):

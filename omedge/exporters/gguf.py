@@ -138,15 +138,15 @@ def tensor_plan(folder: HFFolder) -> Iterator[tuple]:
 def apply(t: np.ndarray, transform):
     if transform is None:
         return t
-    kind, n = transform
-    return bloom_qkv_to_gguf(t, n) if kind == "bloom_qkv" else llama_permute(t, n)
+    reorder, n = transform
+    return bloom_qkv_to_gguf(t, n) if reorder == "bloom_qkv" else llama_permute(t, n)
 
 
 def undo(t: np.ndarray, transform):
     if transform is None:
         return t
-    kind, n = transform
-    return bloom_qkv_from_gguf(t, n) if kind == "bloom_qkv" else llama_unpermute(t, n)
+    reorder, n = transform
+    return bloom_qkv_from_gguf(t, n) if reorder == "bloom_qkv" else llama_unpermute(t, n)
 
 
 def _out_dtype(gguf_name: str, shape) -> type:

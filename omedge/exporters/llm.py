@@ -35,12 +35,14 @@ EDGE_TEXTS = ["  leading spaces, tabs\tand\nnew lines  "]
 # Argmax agreement over all prompt positions. F16 and Q8_0 against the original
 # weights; lower-bit types against the model with the quantized weights dequantized
 # (what llama.cpp should compute), so the gate measures the runtime, not the rounding.
-GATES = {"F16": ("original", 1.0), "Q8_0": ("original", 0.99)}  # basis and gate per GGUF type
-DEFAULT_GATE = ("dequantized", 0.95)
+# The basis comes from the recipe table's gate class; the thresholds per GGUF type are here.
+GATES = {"F16": 1.0, "Q8_0": 0.99}
+DEFAULT_GATE = 0.95
 
 
-def gate_for(quant: str):
-    return GATES.get(quant, DEFAULT_GATE)
+def gate_for(quant: str) -> tuple[str, float]:
+    from ..formats import recipe
+    return recipe("gguf", quant).gate.removeprefix("gguf-"), GATES.get(quant, DEFAULT_GATE)
 
 
 def reference_tokens(folder) -> list[list[int]]:

@@ -16,6 +16,7 @@ from ..errors import InputError, UsageError
 class Kind:
     name = ""
     min_verify = 4                # verification samples at the least
+    max_verify: int | None = None  # and at the most (3-D patches are large)
     store_float16 = True          # verification inputs stored as float16 (rounded before the reference)
     cli_predict_help = ""
 
@@ -60,8 +61,16 @@ class Kind:
         raise NotImplementedError
 
     # -- run side -----------------------------------------------------------------
+    def checkpoint_options(self, weights) -> dict:
+        """Export options that files beside the checkpoint give (volumes: nnU-Net plans)."""
+        return {}
+
     def open(self, bundle, **options):
-        raise NotImplementedError
+        return self.predictor(bundle, **options)
+
+    def verify_options(self, stored) -> dict:
+        """Extra predictor options `omedge verify` needs for the stored samples."""
+        return {}
 
     def add_cli_arguments(self, parser) -> None:
         """Arguments of `omedge predict` that only this kind reads."""

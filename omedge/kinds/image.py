@@ -66,9 +66,6 @@ class ImageKind(Kind):
     def parity(self, reference, candidate, gate, overrides, inputs):
         return compare(concat(reference), concat(candidate), gates_for(gate, overrides), classify=("logits",))
 
-    def open(self, bundle, **options):
-        return self.predictor(bundle, **options)
-
     def add_cli_arguments(self, parser):
         parser.add_argument("--stride", type=int, help="videos / frame folders: a result every N sampled frames")
 

@@ -131,9 +131,6 @@ class SequenceKind(Kind):
         result["passed"] = not result["failures"]
         return result
 
-    def open(self, bundle, **options):
-        return self.predictor(bundle, **options)
-
     def add_cli_arguments(self, parser):
         parser.add_argument("--sequence", help="sequence models: a FASTA file or a sequence (the wild type)")
         parser.add_argument("--mutations", help="sequence models: a CSV of mutants (column 'mutant') or 'A23G,...'")

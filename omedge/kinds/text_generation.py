@@ -155,9 +155,6 @@ class TextGenerationKind(Kind):
     name = "text-generation"
     predictor = LLMPredictor
 
-    def open(self, bundle, **options):
-        return LLMPredictor(bundle, **options)
-
     def add_cli_arguments(self, parser):
         parser.add_argument("--max-tokens", type=int, default=256, help="LLM bundles: answer length limit")
         parser.add_argument("--prompt-mode", "--mode", dest="prompt_mode", choices=["qa", "consultation"],

@@ -34,6 +34,12 @@ class VolumeKind(Kind):
     min_verify = 2        # 3-D patches are large
     max_verify = 2
 
+    def checkpoint_options(self, weights):
+        """nnU-Net keeps its plans beside the checkpoint as `<file>.pkl`."""
+        from pathlib import Path
+        plans = Path(str(weights) + ".pkl") if weights is not None else None
+        return {"plans": plans} if plans is not None and plans.is_file() else {}
+
     def export_request(self, spec, preprocess, options):
         """plans: an nnU-Net plans file beside the checkpoint gives the preprocessing."""
         options = dict(options)
@@ -84,9 +90,6 @@ class VolumeKind(Kind):
         dice, failures = volume_dice(lambda b: run(b)["logits"], phantom, stored["phantom_labels"], pre,
                                      DICE_GATES.get(gate, 0.95))
         return {"volume_dice": dice}, failures
-
-    def open(self, bundle, **options):
-        return self.predictor(bundle, **options)
 
     def add_cli_arguments(self, parser):
         parser.add_argument("--tta", action="store_true", help="volumes: 8-way mirroring (slower, as nnU-Net)")

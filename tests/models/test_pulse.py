@@ -195,7 +195,7 @@ def test_not_enough_disk_and_interrupted_export_leave_nothing(tmp_path, bloom_di
 
 def test_parity_failure_is_refused(tmp_path, bloom_dir, monkeypatch):
     import omedge.exporters.llm as llm
-    monkeypatch.setitem(llm.GATES, "Q8_0", ("original", 1.01))
+    monkeypatch.setitem(llm.GATES, "Q8_0", 1.01)
     with pytest.raises(ParityError, match="failed its parity gate"):
         export_llm("pulse", bloom_dir, quant="Q8_0", out=tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
