@@ -170,7 +170,7 @@ def canonical_hash(data: dict) -> str:
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     import os
-    data = manifest.to_dict()
+    data = json.loads(json.dumps(manifest.to_dict()))  # as it will be read back: integer keys become strings
     for name, text in ((MANIFEST, json.dumps(data, indent=2)), (MANIFEST_HASH, canonical_hash(data) + "\n")):
         with open(folder / name, "w") as f:
             f.write(text)
@@ -178,8 +178,9 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
             os.fsync(f.fileno())
 
 
-def read_manifest(bundle: str | Path) -> Manifest:
-    """Read, hash-check and schema-check a bundle's manifest; raise BundleIntegrityError."""
+def read_manifest(bundle: str | Path, check_signature: bool = True) -> Manifest:
+    """Read, hash-check and schema-check a bundle's manifest (and, where the site trusts
+    signing keys, its signature); raise BundleIntegrityError."""
     bundle = Path(bundle)
     path = bundle / MANIFEST
     if not bundle.is_dir() or not path.is_file() or path.is_symlink():
@@ -191,10 +192,19 @@ def read_manifest(bundle: str | Path) -> Manifest:
         raise BundleIntegrityError(f"{path} is damaged: {str(e)[:200]}") from None
     if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
         return Manifest.from_dict(data, str(path))  # raises the "re-export" message
-    stored = bundle / MANIFEST_HASH
-    if not stored.is_file() or stored.is_symlink():
-        raise BundleIntegrityError(f"{bundle.name} has no {MANIFEST_HASH}", "re-export the bundle")
-    if isinstance(data, dict) and stored.read_text().strip() != canonical_hash(data):
+    digest = stored_hash(bundle)
+    if isinstance(data, dict) and digest != canonical_hash(data):
         raise BundleIntegrityError(f"{path} was modified after export (its hash differs from {MANIFEST_HASH})",
                                    "never edit a bundle: copy it again from its source or re-export it")
-    return Manifest.from_dict(data, str(path))
+    manifest = Manifest.from_dict(data, str(path))
+    if check_signature:
+        from .signing import signature_status
+        manifest.signature = signature_status(bundle, digest)
+    return manifest
+
+
+def stored_hash(bundle: Path) -> str:
+    stored = Path(bundle) / MANIFEST_HASH
+    if not stored.is_file() or stored.is_symlink():
+        raise BundleIntegrityError(f"{Path(bundle).name} has no {MANIFEST_HASH}", "re-export the bundle")
+    return stored.read_text().strip()

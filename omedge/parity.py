@@ -96,16 +96,91 @@ def save_samples(path, inputs: list[dict], reference: list[dict], extra: dict | 
 
 
 def load_samples(stored) -> tuple[list[dict], list[dict]]:
-    """Inverse of save_samples; float16 inputs come back as float32. Object arrays are
-    refused by np.load(allow_pickle=False) before this runs."""
+    """Inverse of save_samples; float16 inputs come back as float32. Anything but plain
+    numeric arrays under `in.N.NAME` / `ref.N.NAME` keys (an object array, which
+    np.load(allow_pickle=False) refuses, a bad key) is a damaged bundle."""
     inputs, reference = {}, {}
     for key in stored.files:
         part, _, rest = key.partition(".")
         if part in ("in", "ref"):
             i, _, name = rest.partition(".")
-            arr = stored[key]
+            arr = stored_array(stored, key)
+            if not i.isdigit() or not name:
+                raise _damaged(f"key '{key}' is not in.N.NAME / ref.N.NAME")
             if part == "in" and arr.dtype == np.float16:
                 arr = arr.astype(np.float32)
             (inputs if part == "in" else reference).setdefault(int(i), {})[name] = arr
     order = sorted(inputs)
+    if order != sorted(reference):
+        raise _damaged("its inputs and reference outputs are not paired")
     return [inputs[i] for i in order], [reference[i] for i in order]
+
+
+def stored_array(stored, key: str) -> np.ndarray:
+    """One array of parity.npz: numeric (bool, int, float), never objects or strings."""
+    try:
+        arr = np.asarray(stored[key])
+    except (ValueError, OSError, EOFError) as e:  # object arrays, truncated or corrupt members
+        raise _damaged(f"'{key}' cannot be read without unpickling or is corrupt ({e})") from e
+    if arr.dtype.kind not in "biuf":
+        raise _damaged(f"'{key}' holds {arr.dtype} values, not numbers")
+    return arr
+
+
+def _damaged(what: str):
+    from .errors import BundleIntegrityError
+    return BundleIntegrityError(f"the bundle's verification data (parity.npz) is damaged: {what}",
+                                "re-export the bundle, or copy it again from its source")
+
+
+# Decisive voxels: a reference top-1 minus top-2 logit margin above this share of the
+# reference logit scale (the RMS spread of the class scores). Below it the two leading
+# classes are a near-tie that rounding of that precision may flip without being wrong
+# (random 105-class heads make most voxels such ties); per precision, several times the
+# relative error its gate allows.
+DECISIVE_MARGIN = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 3e-2, "int8": 0.1}
+
+
+def top2_margin(logits: np.ndarray, axis: int = 0, slab: int = 8) -> np.ndarray:
+    """top-1 minus top-2 logit along `axis` (classes), a few slices of the next axis at a
+    time (a 105-class volume is large)."""
+    logits = np.moveaxis(logits, axis, 0)
+    if logits.shape[0] < 2:
+        return np.full(logits.shape[1:], np.inf, np.float32)
+    out = np.empty(logits.shape[1:], np.float32)
+    for z in range(0, logits.shape[1], slab):
+        part = np.partition(logits[:, z:z + slab], -2, axis=0)
+        out[z:z + slab] = part[-1] - part[-2]
+    return out
+
+
+def logit_scale(logits: np.ndarray, axis: int = 0) -> float:
+    """RMS over voxels of the class scores' standard deviation: the unit of the margin."""
+    logits = np.moveaxis(logits, axis, 0)
+    var = sum(float(logits[:, z:z + 8].astype(np.float64).var(axis=0).sum()) for z in range(0, logits.shape[1], 8))
+    return float(np.sqrt(var / max(1, int(np.prod(logits.shape[1:])))))
+
+
+def decisive_share(gate: str) -> float:
+    return DECISIVE_MARGIN.get(gate, DECISIVE_MARGIN["int8"])
+
+
+def decisive_threshold(scale: float, gate: str) -> float:
+    """The margin a voxel needs to count as decisive, in logits."""
+    return float(decisive_share(gate) * scale)
+
+
+def dice_scores(ref: np.ndarray, got: np.ndarray, mask: np.ndarray | None = None, min_voxels: int = 10) -> dict:
+    """Dice per foreground class present in the reference (at least min_voxels), over the
+    voxels in `mask` (all when None). Keys are the class ids as strings, as JSON keeps
+    them, so the manifest reads back (and hashes) as written."""
+    if mask is not None:
+        ref, got = ref[mask], got[mask]
+    out = {}
+    ids, counts = np.unique(ref, return_counts=True)
+    for i, c in zip(ids.tolist(), counts.tolist()):
+        if i == 0 or c < min_voxels:
+            continue
+        a, b = ref == i, got == i
+        out[str(int(i))] = float(2 * (a & b).sum() / (a.sum() + b.sum()))
+    return out

@@ -12,6 +12,12 @@ from .runtime.predictor import open_bundle
 
 
 def verify(bundle, device: str = "cpu") -> dict:
+    from .bundle import reading
+    with reading(bundle):  # an overwrite waits: the reference and the graphs come from one export
+        return _verify(bundle, device)
+
+
+def _verify(bundle, device: str) -> dict:
     from .bundle import bundle_file
     from .runtime.plan import plan
     path, manifest = open_bundle(bundle)
@@ -26,7 +32,8 @@ def verify(bundle, device: str = "cpu") -> dict:
                      "inference_precision": p.describe().get("inference_precision"),
                      "result": "pass" if result["passed"] else "FAIL: " + "; ".join(result["failures"]),
                      "summary": _summary(result), **_headline(result), "details": result})
-    return {"bundle": str(Path(bundle)), "hashes": "ok", "files": len(manifest.files), "runs": runs,
+    return {"bundle": str(Path(bundle)), "hashes": "ok", "files": len(manifest.files),
+            "signature": getattr(manifest, "signature", None), "runs": runs,
             "skipped": skipped, "passed": bool(runs) and all(r["result"] == "pass" for r in runs)}
 
 

@@ -1,15 +1,75 @@
 """The `omedge` command: parse, call the Python API, print. Errors are printed without
-a traceback (unless --debug) and exit with the error's own code."""
+a traceback (unless --debug) and exit with the error's own code. Ctrl-C exits 130 and
+SIGTERM 143, both after the same unwinding, so no partial output is left behind."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from .. import __version__
 from ..errors import OmedgeError
 from ..kinds import all_kinds
-from .commands import (bench_table, cmd_bench, cmd_chat, cmd_devices, cmd_export, cmd_models, cmd_predict,  # noqa: F401
-                       cmd_verify, console, out)
+from .commands import (  # noqa: F401
+    bench_table,
+    cmd_bench,
+    cmd_chat,
+    cmd_devices,
+    cmd_export,
+    cmd_keygen,
+    cmd_models,
+    cmd_predict,
+    cmd_sign,
+    cmd_verify,
+    console,
+    out,
+)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so `with` blocks unwind and
+    remove their partial output (BundleWriter's `.X.omedge.partial-PID`)."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second TERM must not cut the clean-up short
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_unwinds():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a count that must be at least 1 (a clean usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _quiet_pillow_bomb_warning():
+    """omedge refuses oversized images itself (io.images); Pillow's warning would only
+    print two lines of library text above that message. This process is omedge's own."""
+    import warnings
+    try:
+        from PIL import Image
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    except ImportError:
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"omedge {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
-    for add in (_add_models, _add_devices, _add_export, _add_predict, _add_chat, _add_bench, _add_verify):
+    from ..batch_cli import add_parser as _add_batch   # neither imports FastAPI, Ray or pyarrow here
+    from ..serve.cli import add_parser as _add_serve
+    for add in (_add_models, _add_devices, _add_export, _add_predict, _add_chat, _add_bench, _add_verify,
+                _add_serve, _add_batch, _add_keygen, _add_sign):
         add(sub)
     return ap
 
@@ -51,12 +114,15 @@ def _add_export(sub):
     prec.add_argument("--int4", action="store_true", help="GGUF Q4_K_M (PULSE)")
     s.add_argument("--quant", help="GGUF type for PULSE: Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0, F16")
     s.add_argument("--keep-f16", action="store_true", help="keep the F16 GGUF intermediate in the bundle")
-    s.add_argument("--threads", type=int)
+    s.add_argument("--threads", type=positive_int)
     s.add_argument("--calib", help="folder of calibration images, or 'synthetic'")
-    s.add_argument("--calib-size", type=int, default=64)
-    s.add_argument("--verify-data", help="folder of images for the parity check")
+    s.add_argument("--calib-size", type=positive_int, default=64)
+    s.add_argument("--verify-data", help="folder of inputs for the parity check, or 'synthetic' so that no patient "
+                   "pixels are stored in the bundle (parity.npz otherwise keeps held-out calibration inputs)")
+    s.add_argument("--record-names", action="store_true",
+                   help="record calibration/verification file names in the manifest (default: counts and hashes)")
     s.add_argument("--labels", help="comma list of class names for a classifier head")
-    s.add_argument("--frames", type=int, help="video models: frames per clip (Endo-FM default 8)")
+    s.add_argument("--frames", type=positive_int, help="video models: frames per clip (Endo-FM default 8)")
     s.add_argument("--crop", choices=["official", "center"],
                    help="video models: the official evaluation's left/top crop (default) or a centre crop")
     s.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (only for trusted files)")
@@ -73,8 +139,8 @@ def _add_predict(sub):
     s.add_argument("inputs", nargs="*")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "npu"])
     s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino", "llama.cpp"])
-    s.add_argument("--threads", type=int)
-    s.add_argument("--batch-size", type=int, help="images per run (default 8; volumes: windows per run, 2)")
+    s.add_argument("--threads", type=positive_int)
+    s.add_argument("--batch-size", type=positive_int, help="images per run (default 8; volumes: windows per run, 2)")
     s.add_argument("-o", "--output", help="where to write the result (volumes: the label map, .nii.gz)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     s.add_argument("--json", action="store_true")
@@ -87,8 +153,8 @@ def _add_chat(sub):
     s = sub.add_parser("chat", help="interactive chat with an LLM bundle (streaming)")
     s.add_argument("bundle")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--threads", type=int)
-    s.add_argument("--max-tokens", type=int, default=512)
+    s.add_argument("--threads", type=positive_int)
+    s.add_argument("--max-tokens", type=positive_int, default=512)
     s.add_argument("--prompt-mode", "--mode", dest="prompt_mode", choices=["qa", "consultation"])
     s.set_defaults(func=cmd_chat)
 
@@ -100,10 +166,10 @@ def _add_bench(sub):
     s.add_argument("--variant")
     s.add_argument("--calib")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--runs", type=int, default=20)
+    s.add_argument("--batch", type=positive_int, default=1)
+    s.add_argument("--runs", type=positive_int, default=20)
     s.add_argument("--seconds", type=float, default=5.0, help="minimum timing time per variant")
-    s.add_argument("--threads", type=int)
+    s.add_argument("--threads", type=positive_int)
     s.add_argument("--input", help="segmentation bundles: time whole-volume inference on this NIfTI / DICOM")
     s.add_argument("--throughput", action="store_true",
                    help="also measure with several requests in flight (OpenVINO streams)")
@@ -119,10 +185,25 @@ def _add_verify(sub):
     s.set_defaults(func=cmd_verify)
 
 
+def _add_keygen(sub):
+    s = sub.add_parser("keygen", help="make a site signing key pair (PREFIX.key, PREFIX.pub)")
+    s.add_argument("-o", "--output", required=True, help="path prefix of the two files")
+    s.set_defaults(func=cmd_keygen)
+
+
+def _add_sign(sub):
+    s = sub.add_parser("sign", help="sign bundles with the site key (devices check it via OMEDGE_TRUSTED_KEYS)")
+    s.add_argument("bundles", nargs="+")
+    s.add_argument("--key", required=True, help="the private key `omedge keygen` wrote")
+    s.set_defaults(func=cmd_sign)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_pillow_bomb_warning()
     try:
-        return args.func(args)
+        with _sigterm_unwinds():
+            return args.func(args)
     except OmedgeError as e:
         if args.debug:
             console.print_exception()
@@ -130,6 +211,9 @@ def main(argv=None) -> int:
         if e.hint:
             console.print(f"  -> {e.hint}")
         return e.exit_code
+    except Terminated:
+        console.print("[bold red]terminated[/bold red] (SIGTERM): nothing was left half-written")
+        return 143
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/bold red]: nothing was left half-written")
         return 130

@@ -108,7 +108,8 @@ def cmd_export(args):
                       formats=[f.strip() for f in args.format.split(",")], precision=precision,
                       calib=args.calib, calib_size=args.calib_size, verify_data=args.verify_data,
                       random_weights=args.random_weights, seed=args.seed, trust_checkpoint=args.trust_checkpoint,
-                      overwrite=args.overwrite, force=args.force, log=log, **options)
+                      overwrite=args.overwrite, force=args.force, record_names=getattr(args, "record_names", False),
+                      log=log, **options)
     m = read_manifest(path)
     if args.json:
         print(json.dumps({"bundle": str(path), "artifacts": m.to_dict()["artifacts"], "weights": m.weights}, indent=2))
@@ -174,6 +175,10 @@ def cmd_verify(args):
         print(json.dumps(report, indent=2, default=str))
     else:
         out.print(f"hashes: {report['hashes']} ({report['files']} files)")
+        sig = report.get("signature") or {}
+        if sig.get("signed_by"):
+            out.print(f"signature: key {sig['signed_by']}, " + ("checked against OMEDGE_TRUSTED_KEYS" if sig["checked"]
+                                                             else "not checked (OMEDGE_TRUSTED_KEYS is not set)"))
         rows = [(r["artifact"], r["backend"], r["device"], r.get("inference_precision") or "-", r["summary"],
                  r["result"]) for r in report["runs"]]
         out.print(_table("parity on this machine vs the stored reference",
@@ -181,6 +186,21 @@ def cmd_verify(args):
         for s in report["skipped"]:
             console.print(f"[dim]skipped: {s}[/dim]")
     return 0 if report["passed"] else 5
+
+
+def cmd_keygen(args):
+    from ..signing import generate_key
+    key, pub = generate_key(args.output)
+    out.print(f"private key {key} (keep it on the export workstation, mode 0600); public key {pub}: "
+              "point OMEDGE_TRUSTED_KEYS at it (or at a folder of .pub files) on the devices")
+    return 0
+
+
+def cmd_sign(args):
+    from ..signing import sign_bundle
+    for bundle in args.bundles:
+        out.print(f"{bundle}: signed with key {sign_bundle(bundle, args.key)}")
+    return 0
 
 
 def cmd_bench(args):

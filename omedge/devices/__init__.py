@@ -19,7 +19,8 @@ def cpu_info() -> dict:
             "logical_cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity") else os.cpu_count(), "isa": [], "vendor": ""}
     try:
-        text = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
     except OSError:
         return info
     cores, flags = set(), set()
@@ -58,13 +59,14 @@ def nvidia_gpus() -> list[dict]:
                          "memory_mb": pynvml.nvmlDeviceGetMemoryInfo(h).total // 2**20,
                          "driver": str(pynvml.nvmlSystemGetDriverVersion())})
         return gpus
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 - no pynvml, no driver, no GPU: all mean "ask nvidia-smi"
         pass
     if not shutil.which("nvidia-smi"):
         return []
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10,
+                             check=False)
     except (OSError, subprocess.TimeoutExpired):
         return []
     gpus = []
@@ -77,13 +79,19 @@ def nvidia_gpus() -> list[dict]:
 
 
 def openvino_devices() -> list[dict]:
+    from .. import offline
+    offline.quiet_openvino()  # `import openvino` would otherwise start its telemetry
     try:
         import openvino
     except ImportError:
         return []
-    core = openvino.Core()
+    try:
+        core = openvino.Core()
+        names = core.available_devices
+    except RuntimeError as e:  # a plugin that fails to load: say so, do not crash `omedge devices`
+        return [{"name": "?", "full_name": f"OpenVINO could not list its devices: {str(e)[:200]}"}]
     devices = []
-    for name in core.available_devices:
+    for name in names:
         try:
             full = core.get_property(name, "FULL_DEVICE_NAME")
         except RuntimeError:

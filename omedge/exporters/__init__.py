@@ -8,6 +8,7 @@ bundle exists; a failed gate raises and leaves nothing behind unless `force=True
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import shutil
@@ -36,11 +37,31 @@ def _versions() -> dict:
     return out
 
 
+def _file_record(names: list[str], record_names: bool, folder: str | None = None) -> dict:
+    """Content hashes (16 hex) of the files used; names only when the user asked (file
+    and folder names in hospitals carry MRNs, names and dates of birth)."""
+    out = {"sha256": [_fingerprint(Path(n)) for n in names]}
+    if record_names:
+        out["names"] = [Path(n).name for n in names]
+        if folder:
+            out["folder"] = folder
+    return out
+
+
+def _fingerprint(path: Path) -> str:
+    if path.is_file():
+        return sha256(path)[:16]
+    if path.is_dir():  # a DICOM series: the hashes of its files, in name order
+        parts = [sha256(f) for f in sorted(path.rglob("*")) if f.is_file()]
+        return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
+    return "?"
+
+
 def export(model_id: str, weights: str | Path | None = None, *, out: str | Path | None = None,
            variant: str | None = None, formats=("onnx",), precision: str = "fp32", quant: str | None = None,
            calib: str | Path | None = None, calib_size: int = 64, verify_data: str | Path | None = None,
            verify_size: int = 8, random_weights: bool = False, seed: int = 0, trust_checkpoint: bool = False,
-           labels: list[str] | None = None, overwrite: bool = False, force: bool = False,
+           labels: list[str] | None = None, overwrite: bool = False, force: bool = False, record_names: bool = False,
            log: Callable[[str], None] = lambda msg: None, **kind_options) -> Path:
     """Export `model_id` into a verified bundle folder and return its path.
 
@@ -67,7 +88,7 @@ def export(model_id: str, weights: str | Path | None = None, *, out: str | Path 
         raise UsageError("quant= is for GGUF (PULSE) exports", "use precision= for tensor models")
     job = _Job.plan(spec, weights, out, variant, tuple(formats), precision, calib, random_weights, seed,
                     trust_checkpoint, overwrite, kind_options, log)
-    job.samples(calib, calib_size, verify_data, verify_size, seed)
+    job.samples(calib, calib_size, verify_data, verify_size, seed, record_names)
     job.reference(labels, seed)
     return job.write(overwrite, force)
 
@@ -121,29 +142,41 @@ class _Job:
         out = Path(out or f"{spec.id}-{variant}-{precision}{'-random' if random_weights else ''}.omedge")
         return cls(spec, kind, recipes, out, variant, model, options, weights_info, pre, inputs, log)
 
-    def samples(self, calib, calib_size, verify_data, verify_size, seed):
+    def samples(self, calib, calib_size, verify_data, verify_size, seed, record_names=False):
         """Calibration (static INT8) and verification samples: held out from the calibration
-        data when there is some, else --verify-data, else synthetic."""
+        data when there is some, else --verify-data (a folder, or "synthetic" so no patient
+        pixels are stored), else synthetic. The manifest records counts and content hashes
+        of the files used, not their names or folders, unless record_names."""
         kind, pre, name = self.kind, self.pre, self.inputs[0]["name"]
         verify_size = min(verify_size, kind.max_verify or verify_size)
+        synthetic_only = str(verify_data) == "synthetic"
         parts = []
         if calib is not None and str(calib) != "synthetic":
             self.log(f"reading calibration data from {calib}")
-            feeds, names = kind.folder_samples(calib, pre, calib_size + verify_size, name)
-            self.calib_feeds, held, held_names = kind.holdout(feeds, names, verify_size)
-            self.calib_info = {"source": "folder", "folder": str(calib), "samples": len(self.calib_feeds)}
-            parts += held
-            self.verify_info["held_out_calibration_images"] = [Path(n).name for n in held_names]
+            feeds, names = kind.folder_samples(calib, pre, calib_size + (0 if synthetic_only else verify_size), name)
+            held, held_names = [], []
+            if synthetic_only:
+                self.calib_feeds = feeds
+            else:
+                self.calib_feeds, held, held_names = kind.holdout(feeds, names, verify_size)
+            used = [n for n in names if n not in held_names]
+            self.calib_info = {"source": "folder", "samples": len(self.calib_feeds),
+                               **_file_record(used, record_names, Path(calib).name)}
+            if held:
+                parts += held
+                self.verify_info["held_out_calibration"] = {"count": len(held), **_file_record(held_names, record_names)}
+                self.log(f"parity.npz keeps {len(held)} held-out calibration inputs after preprocessing (float16): "
+                         "pass --verify-data synthetic where patient pixels may not leave the site")
         elif calib is not None:
             self.calib_feeds = kind.synthetic_samples(calib_size, seed + 1, pre, name)
             self.calib_info = {"source": "synthetic", "samples": len(self.calib_feeds),
                                "warning": "calibrated on synthetic inputs at the user's request"}
-        if verify_data is not None:
+        if verify_data is not None and not synthetic_only:
             feeds, names = kind.folder_samples(verify_data, pre, verify_size, name)
             parts += feeds
-            self.verify_info["verify_data"] = [Path(n).name for n in names]
-        n_min = kind.min_verify
-        if len(parts) < n_min:
+            self.verify_info["verify_data"] = {"count": len(feeds), **_file_record(names, record_names)}
+        n_min = 1 if synthetic_only else kind.min_verify
+        if len(parts) < n_min or synthetic_only:
             n = max(n_min, verify_size) - len(parts)
             parts += kind.synthetic_samples(n, seed + 2, pre, name)
             self.verify_info["synthetic"] = n
@@ -170,9 +203,9 @@ class _Job:
     def _torch_runner(self):
         import torch
 
-        def run(batch):
+        def run(batch):  # every declared output, as numpy
             with torch.no_grad():
-                return self.model(torch.from_numpy(batch))["logits"].numpy()
+                return {k: v.numpy() for k, v in self.model(torch.from_numpy(batch)).items()}
         return run
 
     def write(self, overwrite, force) -> Path:
@@ -202,6 +235,8 @@ class _Job:
                                 self.spec.parity)
                 if not art.parity["passed"]:
                     self.log(f"WARNING: {art.name} failed parity: {'; '.join(art.parity['failures'])}")
+                for backend, why in (art.parity.get("not_verified") or {}).items():
+                    self.log(f"{art.name} not verified on {backend} (it will not run there): {why}")
                 artifacts.append(art)
             _refuse_failures(artifacts, force)
             shutil.rmtree(work, ignore_errors=True)
@@ -254,8 +289,19 @@ def _refuse_failures(artifacts: list[Artifact], force: bool) -> None:
     if passed:
         hint += (f"{', '.join(a.name for a in passed)} passed: rerun with --format "
                  f"{','.join(a.format for a in passed)} to keep only those, or ")
-    hint += ("try another precision or more representative calibration data, or pass --force to keep "
-             "the failing artifact (marked in the manifest; the runtime will not use it)")
+    static = [a for a in failed if (a.quantization or {}).get("calibration_samples")]
+    if static:  # calibrated INT8: where the loss is, and what changes it
+        from ..quantize.diagnose import describe
+        q = static[0].quantization
+        hint += (f"{static[0].name} was calibrated on {q['calibration_samples']} samples: give --calib a folder "
+                 "with more images (64 or more, like the data the model will see), or use --int8-dynamic "
+                 "(no calibration) or --fp16; ")
+        if q.get("worst_layers"):
+            hint += (f"the layers that lose the most (cosine fp32 vs INT8 in -> out) are "
+                     f"{describe(q['worst_layers'][:3])}; ")
+    else:
+        hint += "try another precision or more representative calibration data; "
+    hint += "or pass --force to keep the failing artifact (marked in the manifest; the runtime will not use it)"
     raise ParityError("; ".join(f"{a.name} failed its parity gate: {'; '.join(a.parity['failures'])}"
                                 for a in failed), hint)
 

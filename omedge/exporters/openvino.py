@@ -3,13 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import offline
+
 
 def convert(onnx_path: Path):
+    offline.quiet_openvino()  # also when called without export(): converting sends telemetry
     import openvino as ov
     return ov.convert_model(str(onnx_path))
 
 
 def save_ir(model, xml_path: Path, compress_to_fp16: bool) -> list[Path]:
+    offline.quiet_openvino()
     import openvino as ov
     xml_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(xml_path), compress_to_fp16=compress_to_fp16)

@@ -1,6 +1,10 @@
 """Parity of one artifact on every installed backend that the recipe lists. The runtime
 only uses backends in `verified_backends`, so what runs is what was measured. The
-record shown is the first backend's that passed (else the first backend's)."""
+record shown is the first backend's that passed (else the first backend's).
+
+Nothing is skipped silently: a backend that is not installed is named in the record
+(`not_verified`), one that is installed but fails to load stops the export, and an
+interrupt propagates (it is never read as "not installed")."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,16 +16,25 @@ from ..runtime.backends import backend_class, probe
 
 def verify_artifact(art: Artifact, recipe, root: Path, kind, feeds: list[dict], reference: list[dict],
                     extra: dict, pre: dict, overrides: dict) -> None:
-    results = {}
+    results, absent = {}, {}
     for backend in recipe.backends:
-        if probe(backend)["installed"]:
-            results[backend] = _verify_on(backend, art, recipe, root, kind, feeds, reference, extra, pre, overrides)
+        found = probe(backend)
+        if found.get("broken"):
+            raise ExportError(f"cannot verify {art.name} on {backend}: {found['reason']}", found["hint"])
+        if not found["installed"]:
+            absent[backend] = f"{found['reason']} -> {found['hint']}"
+            continue
+        results[backend] = _verify_on(backend, art, recipe, root, kind, feeds, reference, extra, pre, overrides)
     if not results:
         raise ExportError(f"no backend that runs {art.name} is installed ({', '.join(recipe.backends)})",
                           "pip install 'omedge[export]'")
     art.verified_backends = [b for b, r in results.items() if r["passed"]]
     chosen = dict(next((r for r in results.values() if r["passed"]), next(iter(results.values()))))
     chosen["backends"] = {b: {"passed": r["passed"], "failures": r["failures"]} for b, r in results.items()}
+    for backend, why in absent.items():  # recorded, so the runtime and the reader know it was not measured
+        chosen["backends"][backend] = {"passed": False, "failures": [], "not_verified": why}
+    if absent:
+        chosen["not_verified"] = absent
     chosen["passed"] = bool(art.verified_backends)
     chosen["gate_class"] = recipe.gate
     art.parity = chosen

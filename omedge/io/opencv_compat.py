@@ -197,35 +197,30 @@ def imread_gray(path) -> np.ndarray:
     JPEG: Pillow's draft('L') makes libjpeg emit the Y plane directly, as cv2 does
     (convert('L') would re-derive grey from RGB and differ). EXIF orientation is applied.
     """
-    from PIL import Image, UnidentifiedImageError
+    from .images import open_image
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image not found: {path}")
     name = str(path)
     with open(path, "rb") as f:
         head = f.read(32)               # the PNG IHDR: bit depth and colour type
-    try:
-        with Image.open(path) as img:
-            fmt = (img.format or "").lower()
-            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)  # before decoding: Pillow's
-            if fmt == "tiff" and orientation not in (0, 1):          # TIFF loader applies it itself
-                raise InputError(f"{name} is a TIFF with Orientation={orientation}; cv2 5.0 fails to read "
-                                 "such files, so there is no reference to match", "re-save it without the tag")
-            if fmt in ("jpeg", "mpo"):
-                if img.mode not in ("L", "RGB", "YCbCr"):
-                    raise InputError(f"{name} is a {img.mode} JPEG; cv2 converts it to grey by its own rule",
-                                     "convert it to an RGB or grey image first")
-                if img.mode != "L":
-                    img.draft("L", img.size)   # libjpeg decodes to JCS_GRAYSCALE: the Y plane
-                gray = np.asarray(img)
-            elif fmt == "png":
-                gray = _png_gray(img, head, name)
-            else:
-                gray = _other_gray(img, fmt, name)
-    except UnidentifiedImageError as e:
-        raise InputError(f"{name} is not a readable image", "supported: PNG, JPEG, TIFF, BMP, WebP") from e
-    except OSError as e:
-        raise InputError(f"{name} cannot be decoded ({e})", "the file is truncated or corrupt") from e
+    with open_image(path, name, eight_bit=False) as img:  # size-checked; Pillow's refusals typed
+        fmt = (img.format or "").lower()
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)  # before decoding: Pillow's
+        if fmt == "tiff" and orientation not in (0, 1):          # TIFF loader applies it itself
+            raise InputError(f"{name} is a TIFF with Orientation={orientation}; cv2 5.0 fails to read "
+                             "such files, so there is no reference to match", "re-save it without the tag")
+        if fmt in ("jpeg", "mpo"):
+            if img.mode not in ("L", "RGB", "YCbCr"):
+                raise InputError(f"{name} is a {img.mode} JPEG; cv2 converts it to grey by its own rule",
+                                 "convert it to an RGB or grey image first")
+            if img.mode != "L":
+                img.draft("L", img.size)   # libjpeg decodes to JCS_GRAYSCALE: the Y plane
+            gray = np.asarray(img)
+        elif fmt == "png":
+            gray = _png_gray(img, head, name)
+        else:
+            gray = _other_gray(img, fmt, name)
     if fmt in ("jpeg", "mpo", "png", "webp"):
         gray = _orient(gray, orientation)
     return np.ascontiguousarray(gray, dtype=np.uint8)

@@ -6,14 +6,14 @@ and reported; the stream goes on."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from ..errors import InputError
-from .images import IMAGE_SUFFIXES, read_image
+from .images import IMAGE_SUFFIXES, MAX_PIXELS_ENV, pixel_limit, read_image
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4v"}
 log = logging.getLogger("omedge.video")
@@ -41,6 +41,10 @@ def iter_video(path: str | Path, stats: DecodeStats | None = None) -> Iterator[t
         if not container.streams.video:
             raise InputError(f"{path.name} has no video stream")
         stream = container.streams.video[0]
+        w, h = stream.codec_context.width or 0, stream.codec_context.height or 0
+        if w * h > pixel_limit():  # each decoded frame is allocated at this size: refuse before decoding
+            raise InputError(f"{path.name} has {w}x{h} frames, over the {pixel_limit() / 1e6:.1f}-megapixel limit",
+                             f"downscale the video first; to allow larger frames set {MAX_PIXELS_ENV}")
         base = float(stream.time_base) if stream.time_base else None
         fps = float(stream.average_rate) if stream.average_rate else 30.0
         index = 0

@@ -93,6 +93,57 @@ class Kind:
         return result
 
 
+    # -- serving: the OIP v2 request decoder and response encoder (omedge serve) ---------
+    serves_oip = True            # text generation speaks the OpenAI API instead
+    serves_chat = False          # /v1/chat/completions (omedge.serve.openai_api)
+    raw_input: str | None = None  # a BYTES input decoded exactly as predict decodes files
+    serve_merge = True           # dynamic batching may merge requests' feeds along axis 0
+
+    def serve_inputs(self, manifest) -> list[dict]:
+        """OIP input metadata: the declared (preprocessed) tensors, plus the raw BYTES input."""
+        from ..serve.oip import tensor_metadata
+        meta = [tensor_metadata(t) for t in manifest.inputs]
+        if self.raw_input:
+            meta.append({"name": self.raw_input, "datatype": "BYTES", "shape": [-1]})
+        return meta
+
+    def serve_outputs(self, manifest) -> list[dict]:
+        from ..serve.oip import tensor_metadata
+        return [tensor_metadata(t) for t in manifest.outputs]
+
+    def decode_request(self, predictor, tensors: dict, config) -> dict:
+        """OIP input tensors -> graph feeds with the batch on axis 0. A raw BYTES input or
+        server-side 'path's (only inside config.allow_dir) go through the kind's decoder;
+        anything else must match the manifest's declared inputs."""
+        from ..serve.oip import check_declared
+        for special in (self.raw_input, "path"):
+            if special and special in tensors:
+                if len(tensors) > 1:
+                    raise InputError(f"input '{special}' comes alone, not with {sorted(set(tensors) - {special})}")
+                items = [x for x in np.asarray(tensors[special], dtype=object).reshape(-1)]
+                if not items or not all(isinstance(x, bytes) for x in items):
+                    raise InputError(f"input '{special}' must be a non-empty BYTES tensor")
+                if special == "path":
+                    from ..serve.security import client_paths
+                    return self.decode_files(predictor, client_paths(items, config), config)
+                return self.decode_raw(predictor, items, config)
+        return check_declared(predictor.manifest.inputs, tensors)
+
+    def decode_raw(self, predictor, items: list[bytes], config) -> dict:
+        raise InputError(f"{self.name} bundles take only their preprocessed input tensors over OIP")
+
+    def decode_files(self, predictor, paths: list[Path], config) -> dict:
+        raise InputError(f"{self.name} bundles take no server-side paths")
+
+    def serve_run(self, predictor, feeds: dict, max_batch: int) -> dict:
+        """Run decoded feeds (dynamic batching may have merged several requests)."""
+        return predictor.run(feeds, batch_size=max_batch)
+
+    def encode_response(self, predictor, outputs: dict) -> dict:
+        """Graph outputs (batch on axis 0) -> the response tensors, in serve_outputs' names."""
+        return outputs
+
+
 def gate_class(artifact) -> str:
     from ..formats import RECIPES
     return RECIPES[(artifact.format, artifact.precision)].gate

@@ -63,8 +63,54 @@ class ImageKind(Kind):
     def synthetic_samples(self, n, seed, pre, name="pixel_values"):
         return [{name: preprocess_one(im, pre)[None]} for im in synthetic_images(n, seed)]
 
+    def pipeline_reference(self, run_torch, pre, seed):
+        """Raw pictures of odd sizes and the torch outputs for them, so `omedge verify`
+        runs the manifest's preprocessing too: a bundle whose preprocessing was changed
+        after export fails, although its stored tensors still match."""
+        raws = raw_pictures(seed + 5)
+        batch = np.stack([preprocess_one(r, pre) for r in raws])
+        out = {f"raw_image.{i}": r for i, r in enumerate(raws)}
+        out.update({f"raw_reference.{k}": v for k, v in run_torch(batch).items()})
+        return out
+
+    def pipeline_check(self, run, stored, pre, gate):
+        keys = list(stored.files if hasattr(stored, "files") else stored)
+        names = sorted((k for k in keys if k.startswith("raw_image.")), key=lambda k: int(k.split(".")[1]))
+        if not names:
+            return {}, []
+        got = concat([run(preprocess_one(np.asarray(stored[k]), pre)[None]) for k in names])  # batch 1: any graph
+        reference = {k.split(".", 1)[1]: np.asarray(stored[k]) for k in keys if k.startswith("raw_reference.")}
+        result = compare(reference, got, gates_for(gate), classify=("logits",))
+        failures = [f"from raw pictures through the manifest's preprocessing: {f}" for f in result["failures"]]
+        return {"raw_pipeline": {"pictures": len(names), "outputs": result["outputs"]}}, failures
+
     def parity(self, reference, candidate, gate, overrides, inputs):
         return compare(concat(reference), concat(candidate), gates_for(gate, overrides), classify=("logits",))
+
+    # -- serving ------------------------------------------------------------------
+    raw_input = "image"
+
+    def serve_outputs(self, manifest):
+        meta = super().serve_outputs(manifest)
+        if manifest.labels and any(o["name"] == "logits" for o in manifest.outputs):
+            meta += [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(manifest.labels)]},
+                     {"name": "label", "datatype": "BYTES", "shape": [-1]}]
+        return meta
+
+    def decode_raw(self, p, items, config):
+        """PNG/JPEG/TIFF/... bytes, decoded and preprocessed as predict does for such files."""
+        limit = getattr(config, "max_pixels", None)
+        pre = p.manifest.preprocess
+        return {p.input_name: np.stack([preprocess_bytes(b, pre, f"image[{i}]", limit) for i, b in enumerate(items)])}
+
+    def decode_files(self, p, paths, config):
+        return {p.input_name: p.prepare([str(x) for x in paths])}
+
+    def encode_response(self, p, outputs):
+        if "logits" in outputs and p.labels:
+            outputs = {**outputs, "probabilities": softmax(outputs["logits"]).astype(np.float32)}
+            outputs["label"] = [p.labels[i] for i in outputs["logits"].argmax(-1)]
+        return outputs
 
     def add_cli_arguments(self, parser):
         parser.add_argument("--stride", type=int, help="videos / frame folders: a result every N sampled frames")
@@ -116,6 +162,29 @@ def stream_report(p, args, ui) -> int:
     return 0
 
 
+def preprocess_bytes(data: bytes, pre: dict, name: str, max_pixels: int | None = None) -> np.ndarray:
+    """An encoded image held in memory -> CHW, exactly as preprocess_one does for a file with
+    these bytes: the header is size-checked before decoding (io.images.open_image, the same
+    Pillow decoder), then the manifest's pipeline. Grey-blur models (DeblurringMIM) read grey
+    as cv2.imread does, which io.opencv_compat.imread_gray does from a path only: their bytes
+    go through a private temporary file, deleted at once."""
+    import io
+    import tempfile
+
+    from ..io.images import open_image
+    with open_image(io.BytesIO(data), name, max_pixels) as img:
+        if (pre.get("blur") or {}).get("on") != "grayscale":
+            img.load()
+            return preprocess_one(img, pre)
+    with tempfile.NamedTemporaryFile(prefix="omedge-serve-", suffix=".img") as f:
+        f.write(data)
+        f.flush()
+        try:
+            return preprocess_one(Path(f.name), pre)
+        except InputError as e:
+            raise InputError(e.message.replace(f.name, name), e.hint) from None
+
+
 def synthetic_images(n: int, seed: int, size: int = 256) -> list[np.ndarray]:
     """Smooth random colour fields (not noise): 16x16 random RGB upsampled bicubically.
     Only used when the user asks for synthetic data; the manifest says so."""
@@ -123,6 +192,19 @@ def synthetic_images(n: int, seed: int, size: int = 256) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [np.asarray(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
                        .resize((size, size), Image.BICUBIC)) for _ in range(n)]
+
+
+def raw_pictures(seed: int) -> list[np.ndarray]:
+    """Three synthetic RGB pictures, not square and not the model's size, so resizing,
+    cropping and normalisation all take part."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    pictures = []
+    for w, h in ((300, 260), (224, 224), (389, 517)):
+        base = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        noise = rng.integers(-12, 13, (h, w, 3))
+        pictures.append(np.clip(np.asarray(base, np.int16) + noise, 0, 255).astype(np.uint8))
+    return pictures
 
 
 KIND = ImageKind()

@@ -131,6 +131,31 @@ class SequenceKind(Kind):
         result["passed"] = not result["failures"]
         return result
 
+    # -- serving ------------------------------------------------------------------
+    raw_input = "sequence"
+
+    def decode_raw(self, p, items, config):
+        """Protein sequences as BYTES (one-letter codes; B/U/Z/O refused, as predict does),
+        each within one pass's window; several in one request must be of equal length."""
+        seqs = []
+        for i, b in enumerate(items):
+            try:
+                seq = b.decode("ascii").strip()
+            except UnicodeDecodeError:
+                raise InputError(f"sequence[{i}] is not ASCII one-letter amino-acid codes") from None
+            if len(seq) > p.window:
+                raise InputError(f"sequence[{i}] has {len(seq)} residues; one pass takes {p.window}")
+            seqs.append(seq)
+        if len({len(s) for s in seqs}) > 1:
+            raise InputError(f"sequences of different lengths {sorted({len(s) for s in seqs})} in one request",
+                             "send one sequence per request (or sequences of equal length)")
+        return {"input_ids": np.concatenate([p._ids(s, "refuse") for s in seqs])}
+
+    def decode_request(self, p, tensors, config):
+        feeds = super().decode_request(p, tensors, config)
+        protein.check_token_ids(feeds["input_ids"])   # never an id past the embedding table
+        return feeds
+
     def add_cli_arguments(self, parser):
         parser.add_argument("--sequence", help="sequence models: a FASTA file or a sequence (the wild type)")
         parser.add_argument("--mutations", help="sequence models: a CSV of mutants (column 'mutant') or 'A23G,...'")

@@ -154,6 +154,18 @@ def _answer_start(text: str, marker: str) -> int | None:
 class TextGenerationKind(Kind):
     name = "text-generation"
     predictor = LLMPredictor
+    serves_oip = False   # served on the OpenAI chat-completions API (omedge.serve.openai_api)
+    serves_chat = True
+
+    def serve_inputs(self, manifest):
+        return []
+
+    def serve_outputs(self, manifest):
+        return []
+
+    def decode_request(self, predictor, tensors, config):
+        raise InputError("LLM bundles are served on the OpenAI API, not OIP infer",
+                         "POST /v1/chat/completions (see GET /v1/models)")
 
     def add_cli_arguments(self, parser):
         parser.add_argument("--max-tokens", type=int, default=256, help="LLM bundles: answer length limit")

@@ -8,9 +8,16 @@ import numpy as np
 
 from ..errors import InputError, UsageError
 from ..io.images import read_image
+from ..parity import compare, gates_for
 from ..runtime.preprocess import as_items, clip_from_frames, preprocess_frame
 from ..runtime.stream import ClipPlan
-from .image import ImageKind, ImagePredictor, stream_report, synthetic_images
+from .image import (
+    ImageKind,
+    ImagePredictor,
+    raw_pictures,
+    stream_report,
+    synthetic_images,
+)
 
 CROP_CHOICES = {"official": "uniform-0", "center": "center"}  # export option -> manifest "crop"
 
@@ -121,6 +128,25 @@ class VideoKind(ImageKind):
         return [{name: clip_from_frames([preprocess_frame(f, pre) for f in frames[i::n]], pre["frames"])[None]}
                 for i in range(n)]
 
+    def pipeline_reference(self, run_torch, pre, seed):
+        """A raw clip (frames of an odd size) and the torch outputs for it, so `omedge
+        verify` runs the manifest's frame preprocessing too (the image kind's check, for
+        clips: its raw pictures are not one clip)."""
+        frames = raw_clip(seed + 5, pre["frames"])
+        out = run_torch(clip_from_frames([preprocess_frame(f, pre) for f in frames], pre["frames"])[None])
+        return {"raw_clip": np.stack(frames), **{f"raw_reference.{k}": v for k, v in out.items()}}
+
+    def pipeline_check(self, run, stored, pre, gate):
+        keys = list(stored.files if hasattr(stored, "files") else stored)
+        if "raw_clip" not in keys:
+            return {}, []
+        frames = list(np.asarray(stored["raw_clip"]))
+        got = run(clip_from_frames([preprocess_frame(f, pre) for f in frames], pre["frames"])[None])
+        reference = {k.split(".", 1)[1]: np.asarray(stored[k]) for k in keys if k.startswith("raw_reference.")}
+        result = compare(reference, got, gates_for(gate), classify=("logits",))
+        failures = [f"from a raw clip through the manifest's preprocessing: {f}" for f in result["failures"]]
+        return {"raw_pipeline": {"clips": 1, "outputs": result["outputs"]}}, failures
+
     def add_cli_arguments(self, parser):
         """--stride is the image kind's (frame models stream too)."""
 
@@ -129,6 +155,12 @@ class VideoKind(ImageKind):
         if missing:
             raise InputError(f"video not found: {missing[0]}")
         return stream_report(p, args, ui)
+
+
+def raw_clip(seed: int, frames: int) -> list[np.ndarray]:
+    """`frames` synthetic RGB frames of 260x300 px drifting sideways, as a camera pans."""
+    base = raw_pictures(seed)[0]
+    return [np.ascontiguousarray(np.roll(base, 7 * t, axis=1)) for t in range(frames)]
 
 
 KIND = VideoKind()

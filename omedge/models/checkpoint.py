@@ -9,31 +9,26 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import pickletools
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from . import safe_pickle
 
 SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".model", ".safetensors"}
 
 
 def _safe_globals():
-    """Plain data types only. numpy 2 renamed `numpy.core` to `numpy._core`; files pickled
-    under numpy 1 (the nnU-Net releases) name the old module, so both names are allowed."""
-    allowed = [argparse.Namespace, np.dtype, np.ndarray]
-    allowed += [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
-    try:
-        import numpy._core.multiarray as multiarray
-        for fn in (multiarray.scalar, multiarray._reconstruct):
-            allowed += [fn, (fn, f"numpy.core.multiarray.{fn.__name__}")]
-    except (ImportError, AttributeError):  # numpy 1: the old names are the real ones
-        import numpy.core.multiarray as multiarray
-        allowed += [multiarray.scalar, multiarray._reconstruct]
-    return allowed
+    """Plain data only: numpy's names map to stand-ins that rebuild arrays from raw bytes
+    (`safe_pickle`), never to numpy's own reconstructors."""
+    stand_ins = safe_pickle.names()
+    return [argparse.Namespace, safe_pickle.SafeDType, safe_pickle.RawArray, safe_pickle.NdarrayName,
+            *((obj, name) for name, obj in stand_ins.items())]
 
 
 def read_checkpoint(path: str | Path, trust: bool = False):
@@ -61,21 +56,60 @@ def read_checkpoint(path: str | Path, trust: bool = False):
             raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return safe_pickle.materialise(torch.load(path, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+) was not an allowed global", str(e))
-        if not found:  # not a forbidden object: the bytes themselves are bad
+        what = _code_in(str(e)) or _code_opcode(path)
+        if what is None:  # not a forbidden object: the bytes themselves are bad
             raise CheckpointError(f"cannot read checkpoint {path.name}: it is corrupt, truncated or not a "
                                   "PyTorch file", "copy the file again and compare its sha256") from e
-        what = found.group(1)
         raise CheckpointError(
-            f"{path.name} needs unsafe unpickling: it contains {what}, which could run code when loaded",
+            f"{path.name} was refused: it contains code or objects that could run code when loaded ({what})",
             "if you trust where this file came from, pass --trust-checkpoint "
-            "(Python: trust_checkpoint=True); better, re-save its state_dict as .safetensors") from e
+            "(Python: trust_checkpoint=True); better, re-save its state_dict as .safetensors") from None
+    except CheckpointError:
+        raise
     except Exception as e:  # zip reader errors, EOF, bad magic number
         raise CheckpointError(f"cannot read checkpoint {path.name}: it is corrupt, truncated or not a "
                               f"PyTorch file ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
                               "copy the file again and compare its sha256 with the published one") from e
+
+
+# What torch's weights-only unpickler says when a file asks for more than plain data
+# (the operands are the opcodes that import or call: c i o b R NEWOBJ NEWOBJ_EX STACK_GLOBAL).
+_CODE_SIGNS = (r"GLOBAL ([\w.]+) was not an allowed global", r"unsupported GLOBAL ([\w.]+)",
+               r"Unsupported global: GLOBAL ([\w.]+)", r"reduce for unrecognized function (\S+)",
+               r"(Unsupported operand (?:99|105|111|98|82|129|146|147)\b)", r"(Can only (?:build|create) [^.\n]+)",
+               r"(Only persistent_load of storage[^.\n]*)", r"(Unsupported class [^\n]+)")
+
+
+def _code_opcode(path: Path) -> str | None:
+    """The first instruction of the file's pickle that imports a name, if any: torch may
+    stop at an instruction it does not support before it reaches the import."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()[:1 << 20]
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST") and not str(arg).startswith(_PLAIN_MODULES):
+                return f"{str(arg).replace(' ', '.')} ({op.name})"
+            if op.name in ("STACK_GLOBAL", "OBJ"):
+                return f"an object built by {op.name}"
+    except Exception:  # noqa: BLE001 - unreadable bytes: the caller reports corruption
+        return None
+    return None
+
+
+_PLAIN_MODULES = ("torch ", "collections OrderedDict", "_codecs encode", "argparse Namespace", "numpy")
+
+
+def _code_in(message: str) -> str | None:
+    for pattern in _CODE_SIGNS:
+        found = re.search(pattern, message)
+        if found:
+            return found.group(1)[:120]
+    return None
 
 
 WRAPPER_KEYS = ("teacher", "model", "state_dict", "network_weights", "model_state_dict")

@@ -9,33 +9,25 @@ import collections
 import pickle
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import CheckpointError
+from . import safe_pickle
 
-_ALLOWED = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-}
-
-
-def _multiarray():
-    """numpy 2 renamed numpy.core to numpy._core; pickles of either numpy name one of them."""
-    try:
-        import numpy._core.multiarray as multiarray
-    except ImportError:  # numpy 1
-        import numpy.core.multiarray as multiarray
-    return multiarray
+_BUILTINS = ("set", "frozenset", "tuple", "list", "dict", "int", "float", "str", "bytes", "bool", "complex")
 
 
 class _PlainData(pickle.Unpickler):
+    """Containers, OrderedDict and numpy values (through safe_pickle's stand-ins) only."""
+
     def find_class(self, module, name):
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("scalar", "_reconstruct"):
-            return getattr(_multiarray(), name)
-        if module == "builtins" and name in ("set", "frozenset", "tuple", "list", "dict", "int", "float", "str"):
+        stand_in = safe_pickle.names().get(f"{module}.{name}")
+        if stand_in is not None:
+            return stand_in
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes
+            import codecs
+            return codecs.encode
+        if module == "builtins" and name in _BUILTINS:
             import builtins
             return getattr(builtins, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
@@ -44,15 +36,38 @@ class _PlainData(pickle.Unpickler):
 def read_plans(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            obj = _PlainData(f).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+            obj = safe_pickle.materialise(_PlainData(f).load())
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot read nnU-Net plans {path.name}: {e.message}", e.hint) from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError,
+            KeyError, MemoryError, RecursionError) as e:
         raise CheckpointError(f"cannot read nnU-Net plans {path.name}: {e}",
                               "the file is damaged or holds more than plain data") from e
     return obj.get("plans", obj) if isinstance(obj, dict) else {}
 
 
-def preprocess_from_plans(plans: dict) -> dict:
-    """The manifest's preprocessing fields that the plans fix (3d_fullres stage)."""
+def preprocess_from_plans(plans: dict, name: str = "the plans file") -> dict:
+    """The manifest's preprocessing fields that the plans fix (3d_fullres stage); a plans
+    file with missing or wrongly typed fields is a CheckpointError naming the field."""
+    try:
+        out = _from_plans(plans)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"nnU-Net plans in {name} are damaged or not nnU-Net v1 plans "
+                              f"({type(e).__name__}: {str(e)[:120]})",
+                              "copy the plans .pkl again from the same release as the checkpoint") from None
+    spacing, patch = out["target_spacing"], out["patch_size"]
+    if len(spacing) != 3 or not all(0.05 <= s <= 20 for s in spacing):
+        raise CheckpointError(f"nnU-Net plans in {name} give an implausible spacing {spacing} mm",
+                              "expected three spacings between 0.05 and 20 mm")
+    if len(patch) != 3 or not all(8 <= s <= 1024 for s in patch):
+        raise CheckpointError(f"nnU-Net plans in {name} give an implausible patch size {patch}",
+                              "expected three sizes between 8 and 1024 voxels")
+    return out
+
+
+def _from_plans(plans: dict) -> dict:
+    if not isinstance(plans, dict):
+        raise TypeError(f"plans are a {type(plans).__name__}, not a dict")
     stages = plans.get("plans_per_stage") or {}
     if not stages:
         raise CheckpointError("nnU-Net plans have no plans_per_stage")

@@ -10,7 +10,9 @@ def load(bundle, device: str = "auto", backend: str = "auto", threads: int | Non
 
     mode: "latency" answers one request as fast as possible; "throughput" keeps
     several requests in flight (OpenVINO streams) for tile batches and streams."""
+    from ..bundle import reading
     from ..kinds import get_kind
     from ..manifest import read_manifest
-    kind = get_kind(read_manifest(bundle).kind)
-    return kind.open(bundle, device=device, backend=backend, threads=threads, artifact=artifact, mode=mode)
+    with reading(bundle):  # an overwrite waits until the backend has read its files
+        kind = get_kind(read_manifest(bundle).kind)
+        return kind.open(bundle, device=device, backend=backend, threads=threads, artifact=artifact, mode=mode)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import bundle_file, verify_files
-from ..errors import BackendUnavailableError, InputError, OmedgeError
+from ..errors import BackendUnavailableError, BundleIntegrityError, InputError, OmedgeError
 from ..manifest import Manifest, read_manifest
 from .backends import backend_class
 
@@ -17,11 +17,32 @@ MODES = ("latency", "throughput")
 
 
 def open_bundle(bundle) -> tuple[Path, Manifest]:
-    """Manifest hash and schema first, then every file's hash, before anything loads."""
+    """Manifest hash and schema first, then every file's hash, before anything loads.
+    Done under the bundle's read lock, so an overwrite cannot swap files mid-check (a
+    caller that then opens a backend holds `bundle.reading(path)` around both); a bundle
+    that a killed overwrite left aside as `.X.omedge.old-PID` is put back first."""
+    from ..bundle import reading, recover
+    from ..errors import BundleIntegrityError
     path = Path(bundle)
-    manifest = read_manifest(path)
-    verify_files(path, manifest)
+    recover(path)
+    try:
+        with reading(path):
+            manifest = read_manifest(path)
+            verify_files(path, manifest)
+    except OSError as e:
+        raise BundleIntegrityError(f"could not read bundle {path}: {e.strerror or e}",
+                                   "check the path and its permissions") from None
     return path, manifest
+
+
+def _check_declared(art, backend, path) -> None:
+    """The graph must have the inputs the manifest declares: requests are built from them."""
+    graph = list(getattr(backend, "inputs", None) or [])
+    missing = [n for n in art.inputs if graph and n not in graph]
+    if missing:
+        raise BundleIntegrityError(f"bundle {Path(path).name}: the manifest declares input(s) {missing} "
+                                   f"that {art.entry} does not have (it has {graph})",
+                                   "the manifest does not belong to this graph: copy the bundle again")
 
 
 class Predictor:
@@ -59,11 +80,14 @@ class Predictor:
         for art, name, dev in candidates:
             files = {"model": bundle_file(self.path, art.entry, self.manifest)}
             try:
-                return backend_class(name)(files, dev, self.backend_options(art, name, threads, mode)), art
+                opened = backend_class(name)(files, dev, self.backend_options(art, name, threads, mode))
             except (OmedgeError, RuntimeError) as e:
                 if device != "auto" and backend != "auto":
                     raise BackendUnavailableError(f"{name} could not open {art.name} on {dev}: {e}") from None
                 self.skipped.append(f"{name} on {dev} ({art.name}): failed to start: {e}")
+                continue
+            _check_declared(art, opened, self.path)
+            return opened, art
         raise BackendUnavailableError(
             f"nothing in {self.path.name} can run here with device={device}, backend={backend}",
             "; ".join(self.skipped) or "the bundle lists no artifacts")
@@ -73,7 +97,9 @@ class Predictor:
         if name not in self.manifest.constants:
             raise InputError(f"bundle has no constant '{name}'",
                              f"it has: {', '.join(self.manifest.constants) or 'none'}")
-        path = bundle_file(self.path, self.manifest.constants[name]["file"], self.manifest)
+        rel = self.manifest.constants[name]["file"]
+        path = bundle_file(self.path, rel, self.manifest)
+        verify_files(self.path, self.manifest, only=[rel])  # read long after open: hash what is read now
         return np.load(path, allow_pickle=False)
 
     def run(self, batch, batch_size: int = 8) -> dict:
@@ -98,7 +124,8 @@ class Predictor:
         return {"bundle": str(self.path), "model": m.model["id"], "variant": m.model["variant"],
                 "kind": m.kind, "weights": m.weights["source"], "artifact": self.artifact.name,
                 "format": self.artifact.format, "precision": self.artifact.precision,
-                **self.backend.describe(), "parity": self.artifact.parity.get("passed"), "skipped": self.skipped}
+                **self.backend.describe(), "parity": self.artifact.parity.get("passed"),
+                "signature": getattr(m, "signature", None), "skipped": self.skipped}
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

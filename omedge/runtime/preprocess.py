@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from ..errors import InputError
-from ..io.images import describe_source, read_image
+from ..io.images import MAX_PIXELS_ENV, describe_source, pixel_limit, read_image
 
 _RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1}  # PIL codes
 
@@ -18,7 +18,7 @@ _RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1}  # PIL cod
 def opencv_gaussian_kernel(sigma: float, uint8: bool) -> np.ndarray:
     """The float kernel cv2.GaussianBlur(img, (0, 0), sigma) uses on float images: size
     from sigma as OpenCV derives it (4 sigma each side), odd."""
-    size = int(round(sigma * (3 if uint8 else 4) * 2 + 1)) | 1
+    size = round(sigma * (3 if uint8 else 4) * 2 + 1) | 1
     x = np.arange(size) - (size - 1) / 2
     k = np.exp(-(x ** 2) / (2 * sigma ** 2))
     return k / k.sum()
@@ -55,9 +55,10 @@ def to_gray(img: np.ndarray) -> np.ndarray:
     return (img[..., 0] * 0.299 + img[..., 1] * 0.587 + img[..., 2] * 0.114).astype(np.float32)
 
 
-def resize_short_side(img: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+def resize_short_side(img: np.ndarray, size: int, interpolation: str, name: str = "the image") -> np.ndarray:
     """torchvision Resize(int): the shorter side becomes `size`, the longer keeps the
-    aspect ratio (truncated, as torchvision does)."""
+    aspect ratio (truncated, as torchvision does). A sliver (1 x 20000 px) would grow to
+    gigapixels, so the result is held to the decoded-image pixel limit first."""
     from PIL import Image
     h, w = img.shape[:2]
     if min(h, w) == size:
@@ -66,6 +67,10 @@ def resize_short_side(img: np.ndarray, size: int, interpolation: str) -> np.ndar
         new_h, new_w = size, int(size * w / h)
     else:
         new_h, new_w = int(size * h / w), size
+    if new_h * new_w > pixel_limit():
+        raise InputError(f"{name} is {w}x{h} px; scaling its short side to {size} would make it {new_w}x{new_h}, "
+                         f"over the {pixel_limit() / 1e6:.1f}-megapixel limit",
+                         f"crop it to the region of interest first (the limit is {MAX_PIXELS_ENV})")
     resample = _RESAMPLE[interpolation]
     if img.dtype == np.uint8:
         return np.asarray(Image.fromarray(img).resize((new_w, new_h), resample))
@@ -79,7 +84,7 @@ def center_crop(img: np.ndarray, size: int, name: str) -> np.ndarray:
     if h < size or w < size:
         raise InputError(f"{name} is {w}x{h} px; the model needs at least {size}x{size} here",
                          "give the full-size tile the model was trained on")
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    top, left = round((h - size) / 2.0), round((w - size) / 2.0)
     return img[top:top + size, left:left + size]
 
 
@@ -98,7 +103,7 @@ def preprocess_one(item, spec: dict) -> np.ndarray:
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
     if spec.get("resize"):
-        img = resize_short_side(img, spec["resize"]["size"], spec["resize"]["interpolation"])
+        img = resize_short_side(img, spec["resize"]["size"], spec["resize"]["interpolation"], name)
     if spec.get("center_crop"):
         img = center_crop(img, spec["center_crop"], name)
     x = img.astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0)

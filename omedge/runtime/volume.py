@@ -7,24 +7,50 @@ run through exactly the same pipeline and their label maps can be compared."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from ..errors import InputError
-from ..io.volume import Volume
+from ..io.volume import Volume, check_voxels, checked
+
+# Resampling to the model's spacing may enlarge an axis at most 16x and shrink it at most 64x: beyond
+# that the header's spacing is wrong (100 mm, 1e-5 mm), not the scan. The voxel count after resampling
+# is held to io.volume.voxel_limit() (OMEDGE_MAX_VOXELS) too, both checked before anything is allocated.
+ZOOM_RANGE = (1 / 64, 16.0)
+
+
+def model_space_zoom(vol: Volume, pre: dict) -> np.ndarray | None:
+    """The zoom per axis (z, y, x) to the model's spacing, None where none is needed;
+    refused outside ZOOM_RANGE or over the voxel limit, from the header alone."""
+    spacing_zyx = vol.spacing[::-1]
+    target = np.asarray(pre.get("target_spacing") or spacing_zyx, dtype=np.float64)
+    zoom = spacing_zyx / target
+    if np.allclose(zoom, 1.0, atol=1e-3):
+        return None
+    lo, hi = ZOOM_RANGE
+    if not (np.all(np.isfinite(zoom)) and np.all(zoom >= lo) and np.all(zoom <= hi)):
+        raise InputError(f"{vol.source}: voxel spacing {tuple(round(float(s), 6) for s in spacing_zyx[::-1])} mm would "
+                         f"be resampled by {tuple(round(float(z), 4) for z in zoom[::-1])} to the model's "
+                         f"{tuple(float(t) for t in target[::-1])} mm; more than {hi:g}x up or {1 / lo:g}x down means "
+                         "the header's spacing is wrong", "fix the voxel spacing (pixdim / affine) in the header")
+    shape = tuple(round(float(n * z)) for n, z in zip(vol.data.shape[::-1], zoom))  # as ndimage.zoom sizes it
+    if min(shape) < 2:
+        raise InputError(f"{vol.source} would shrink to {shape} voxels (z, y, x) at the model's spacing",
+                         "check the voxel spacing in the header")
+    check_voxels(shape[::-1], f"{vol.source} resampled to {tuple(float(t) for t in target[::-1])} mm",
+                 "check the voxel spacing in the header; to allow larger volumes set OMEDGE_MAX_VOXELS")
+    return zoom
 
 
 def to_model_space(vol: Volume, pre: dict):
     """Voxel data in the network's axis order (z, y, x as nnU-Net reads NIfTI through
     SimpleITK: reversed NIfTI order) at the target spacing, normalised."""
     from scipy import ndimage
-    data, spacing = vol.data, vol.spacing
-    arr = np.ascontiguousarray(data.transpose(2, 1, 0))  # (i,j,k) -> (k,j,i)
-    spacing_zyx = spacing[::-1]
-    target = np.asarray(pre.get("target_spacing") or spacing_zyx, dtype=np.float64)
-    zoom = spacing_zyx / target
-    if not np.allclose(zoom, 1.0, atol=1e-3):
+    vol = checked(vol)  # a Volume built in Python gets the checks a file gets
+    zoom = model_space_zoom(vol, pre)
+    arr = np.ascontiguousarray(vol.data.transpose(2, 1, 0))  # (i,j,k) -> (k,j,i)
+    if zoom is not None:
         arr = ndimage.zoom(arr, zoom, order=3, mode="nearest", grid_mode=False)
     x = normalise(arr.astype(np.float32), pre)
     return x[None], arr.shape  # (C=1, D, H, W)
@@ -74,7 +100,7 @@ def window_starts(size: int, patch: int, step: float) -> list[int]:
         return [0]
     n = math.ceil((size - patch) / (patch * step)) + 1
     actual = (size - patch) / (n - 1)
-    return [int(round(i * actual)) for i in range(n)]
+    return [round(i * actual) for i in range(n)]
 
 
 def sliding_window(x: np.ndarray, run: Callable[[np.ndarray], np.ndarray], patch, step, batch_size: int = 2,
@@ -146,25 +172,9 @@ def class_volumes(labels: np.ndarray, vol: Volume, names: list[str] | None) -> d
 
 
 def dice_per_class(ref: np.ndarray, got: np.ndarray, min_voxels: int = 10) -> dict:
-    """Dice for every class present in the reference (with at least min_voxels)."""
-    out = {}
-    ids, counts = np.unique(ref, return_counts=True)
-    for i, c in zip(ids.tolist(), counts.tolist()):
-        if i == 0 or c < min_voxels:
-            continue
-        a, b = ref == i, got == i
-        out[int(i)] = float(2 * (a & b).sum() / (a.sum() + b.sum()))
-    return out
-
-
-def volume_dice(run, phantom: Volume, ref_labels: np.ndarray, pre: dict, gate: float) -> tuple[dict, list]:
-    """Segment the phantom with `run` through the full pipeline; per-class Dice against
-    the reference label map, and the gate failures."""
-    dice = dice_per_class(ref_labels, segment(phantom, run, pre))
-    worst = min(dice.values()) if dice else 1.0
-    failures = [f"volume Dice {worst:.4f} < {gate} (class {min(dice, key=dice.get)})"] if worst < gate else []
-    return {"per_class": dice, "min": worst, "classes": len(dice), "gate": gate,
-            "input": "synthetic CT phantom, whole-volume pipeline"}, failures
+    """Dice for every class present in the reference (with at least min_voxels), by class id."""
+    from ..parity import dice_scores
+    return {int(k): v for k, v in dice_scores(ref, got, min_voxels=min_voxels).items()}
 
 
 def synthetic_ct(shape=(96, 96, 80), spacing=(1.5, 1.5, 1.5), seed: int = 0) -> Volume:

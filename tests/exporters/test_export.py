@@ -32,9 +32,13 @@ def test_int8_bundle_both_formats_parity_recorded(brow_bundle, tiles):
         assert a["quantization"]["calibration_samples"] >= 1
     assert m["calibration"]["source"] == "folder"
     # verification used images held out of calibration, not the calibration set itself
-    held = m["verification"]["held_out_calibration_images"]
-    assert held and set(held) <= {t.name for t in tiles}
-    assert m["calibration"]["samples"] + len(held) == len(tiles)
+    from omedge.bundle import sha256
+    tile_hashes = {sha256(t)[:16] for t in tiles}
+    held = m["verification"]["held_out_calibration"]
+    assert held["count"] == len(held["sha256"]) >= 1 and set(held["sha256"]) <= tile_hashes
+    assert set(m["calibration"]["sha256"]) <= tile_hashes and not set(m["calibration"]["sha256"]) & set(held["sha256"])
+    assert m["calibration"]["samples"] + held["count"] == len(tiles)
+    assert "names" not in held and "folder" not in m["calibration"]  # no file names unless asked
     assert m["weights"]["source"] == "checkpoint" and len(m["weights"]["sha256"]) == 64
     assert m["export"]["onnx"]["opset"] == 17 and m["export"]["onnx"]["dynamic_axes"]["pixel_values"] == {"0": "batch"}
     assert m["forced"] is False and "openvino" in m["tools"] and "nncf" in m["tools"]

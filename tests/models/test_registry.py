@@ -112,7 +112,7 @@ def test_unsafe_pickle_needs_explicit_trust(tmp_path):
     sd = official_state_dict("brow")
     path = tmp_path / "evil.pth"
     torch.save({"model": sd, "extra": Evil()}, path)
-    with pytest.raises(CheckpointError, match="(?s)unsafe unpickling.*--trust-checkpoint"):
+    with pytest.raises(CheckpointError, match="(?s)refused: it contains code.*--trust-checkpoint"):
         _load("brow", path)
     with pytest.warns(UserWarning, match="full trust"):
         assert _load("brow", path, trust=True)[1] == "tiny"

@@ -7,7 +7,8 @@ back from the session, `max_batch`, `run(dict) -> dict`, `describe()`. A text ba
 from __future__ import annotations
 
 import importlib
-from typing import Iterator
+import importlib.util
+from collections.abc import Iterator
 
 BACKEND_MODULES = {"onnxruntime": "omedge.runtime.backends.ort", "openvino": "omedge.runtime.backends.ov",
                    "llama.cpp": "omedge.runtime.backends.llama"}
@@ -20,8 +21,8 @@ TEXT_BACKENDS = ("llama.cpp",)
 
 class Backend:
     name = "?"
-    inputs: list[str] = []       # graph input names, read back from the session
-    outputs: list[str] = []      # graph output names, read back from the session
+    inputs: list[str]            # graph input names, read back from the session
+    outputs: list[str]           # graph output names, read back from the session
     max_batch: int | None = None  # None: any batch size
 
     @staticmethod
@@ -55,12 +56,25 @@ class TextBackend(Backend):
     def eos(self) -> int:
         raise NotImplementedError
 
-    def logits(self, ids: list[int]) -> "object":
+    def logits(self, ids: list[int]) -> object:
         """(len(ids), vocab) float32 logits of one sequence, from a fresh context."""
         raise NotImplementedError
 
     def generate(self, ids: list[int], sampling: dict) -> Iterator[int]:
         raise NotImplementedError
+
+
+def run_error(backend: str, e: Exception, bad_input: bool = False):
+    """A library's failed run as a typed error: the input does not fit the graph
+    (InputError), or the graph cannot run on this backend here (BackendUnavailableError)."""
+    from ...errors import BackendUnavailableError, InputError
+    text = str(e).strip()[:300]
+    if bad_input:
+        return InputError(f"{backend} refused the input: {text}",
+                          "check the input's shape and type against the bundle's declared inputs")
+    return BackendUnavailableError(f"{backend} failed running the graph: {text}",
+                                   "run `omedge verify BUNDLE` on this machine; if it fails, re-export the "
+                                   "bundle with this omedge and backend version")
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -72,11 +86,30 @@ def backend_class(name: str) -> type[Backend]:
 
 def probe(name: str) -> dict:
     """Whether `name` imports here and which devices it can use (reason when not).
-    Only ImportError means "not installed": an interrupt or a crash propagates."""
+    Absent (its package is not found) and broken (found, but its import or device query
+    fails) are told apart: an export must not take a broken install for an optional
+    extra that is missing. An interrupt is no answer at all: it propagates."""
+    if not _found(LIBRARIES[name]):
+        return {"installed": False, "reason": f"not installed ({LIBRARIES[name]})", "hint": INSTALL_HINT[name],
+                "devices": {}}
     try:
         cls = backend_class(name)
         importlib.import_module(LIBRARIES[name])
-    except ImportError as e:
-        return {"installed": False, "reason": f"not installed ({e.name or e})", "hint": INSTALL_HINT[name],
-                "devices": {}}
-    return cls.probe()
+    except ImportError as e:  # found, but a module, shared library or symbol it needs is missing
+        return _broken(name, str(e))
+    try:
+        return cls.probe()
+    except (RuntimeError, OSError) as e:
+        return _broken(name, f"cannot list its devices: {e}")
+
+
+def _found(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # in sys.modules without a spec (None: import blocked)
+        return False
+
+
+def _broken(name: str, why: str) -> dict:
+    return {"installed": False, "broken": True, "reason": f"installed but fails to load: {why[:300]}",
+            "hint": f"reinstall it ({INSTALL_HINT[name]}, with --force-reinstall) or uninstall it", "devices": {}}

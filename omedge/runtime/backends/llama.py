@@ -3,7 +3,7 @@ when the installed build has it and a GPU is present."""
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -37,6 +37,7 @@ class LlamaCppBackend(TextBackend):
     @staticmethod
     def probe() -> dict:
         import llama_cpp
+
         from ...devices import nvidia_gpus
         offload = bool(llama_cpp.llama_supports_gpu_offload())
         cuda = None
@@ -53,7 +54,7 @@ class LlamaCppBackend(TextBackend):
         try:
             import llama_cpp
         except ImportError as e:
-            raise BackendUnavailableError("llama-cpp-python is not installed", INSTALL) from e
+            raise BackendUnavailableError(f"llama-cpp-python cannot be imported: {e}", INSTALL) from e
         reason = self.probe()["devices"].get(device, f"unknown device {device}")
         if reason:
             raise BackendUnavailableError(f"llama.cpp cannot use device '{device}': {reason}")

@@ -3,10 +3,17 @@ installed onnxruntime build has them and the hardware is present."""
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 
+from ... import offline
 from ...errors import BackendUnavailableError
-from . import Backend
+from . import Backend, run_error
+
+offline.quiet_onnxruntime()  # before the import: its native library starts telemetry while loading
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _state
+
+# onnxruntime raises its own exception types (Fail, InvalidArgument, ...), which share no base
+ORT_ERRORS = tuple(v for v in vars(_state).values() if isinstance(v, type) and issubclass(v, Exception))
 
 PROVIDERS = {  # omedge device -> execution provider (first choice)
     "cpu": "CPUExecutionProvider",
@@ -56,7 +63,7 @@ class OnnxRuntimeBackend(Backend):
         self.device = device
         try:
             self.session = ort.InferenceSession(str(files["model"]), sess_options=so, providers=providers)
-        except Exception as e:  # onnxruntime's own types (Fail, InvalidGraph, ...) share no base
+        except (*ORT_ERRORS, RuntimeError, ValueError, OSError) as e:
             raise BackendUnavailableError(f"onnxruntime cannot open {files['model'].name}: {str(e)[:300]}",
                                           "re-export the bundle with this omedge and onnxruntime") from None
         used = self.session.get_providers()
@@ -68,7 +75,10 @@ class OnnxRuntimeBackend(Backend):
         self.max_batch = None
 
     def run(self, inputs: dict) -> dict:
-        outs = self.session.run(self.outputs, {k: np.ascontiguousarray(v) for k, v in inputs.items()})
+        try:
+            outs = self.session.run(self.outputs, {k: np.ascontiguousarray(v) for k, v in inputs.items()})
+        except ORT_ERRORS as e:
+            raise run_error("onnxruntime", e, isinstance(e, _state.InvalidArgument)) from None
         return dict(zip(self.outputs, outs))
 
     def describe(self) -> dict:

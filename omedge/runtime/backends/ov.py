@@ -4,10 +4,13 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import openvino as ov
 
+from ... import offline
 from ...errors import BackendUnavailableError
-from . import Backend
+from . import Backend, run_error
+
+offline.quiet_openvino()  # before the import: `import openvino` loads its converter's telemetry
+import openvino as ov
 
 DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
 WHY_NOT = {
@@ -69,7 +72,12 @@ class OpenVINOBackend(Backend):
         if options.get("threads") and device == "cpu":
             config["INFERENCE_NUM_THREADS"] = int(options["threads"])
         self.device = device
-        self.compiled = core().compile_model(model, DEVICES[device], config)
+        try:
+            self.compiled = core().compile_model(model, DEVICES[device], config)
+        except RuntimeError as e:
+            raise BackendUnavailableError(f"openvino cannot compile {files['model'].name} for {device}: "
+                                          f"{str(e).strip()[:300]}",
+                                          "re-export the bundle with this omedge and openvino") from None
         self.inputs = [i.any_name for i in self.compiled.inputs]
         self.outputs = [o.any_name for o in self.compiled.outputs]
         self._local = threading.local()
@@ -78,9 +86,18 @@ class OpenVINOBackend(Backend):
         request = getattr(self._local, "request", None)
         if request is None:  # one infer request per thread: concurrent predict is safe
             request = self._local.request = self.compiled.create_infer_request()
-        request.infer({k: np.ascontiguousarray(v) for k, v in inputs.items()})
+        try:
+            request.infer({k: np.ascontiguousarray(v) for k, v in inputs.items()})
+        except RuntimeError as e:  # OpenVINO reports a bad input and a failed kernel alike
+            raise run_error("openvino", e, bad_input=not self._fits(inputs)) from None
         return {name: request.get_tensor(out).data.copy()
                 for name, out in zip(self.outputs, self.compiled.outputs)}
+
+    def _fits(self, inputs: dict) -> bool:
+        """Whether every array has a shape the compiled graph accepts."""
+        ports = {p.any_name: p for p in self.compiled.inputs}
+        return all(k in ports and ports[k].get_partial_shape().compatible(ov.PartialShape(list(np.shape(v))))
+                   for k, v in inputs.items())
 
     def run_many(self, chunks: list[dict]) -> list[dict]:
         if self.mode != "throughput" or len(chunks) == 1:
