@@ -128,12 +128,12 @@ class Worker:
     """Opens the bundle once, then turns chunks of items into rows."""
 
     def __init__(self, spec: WorkerSpec):
-        from .kinds.volume import VolumePredictor
+        from .kinds import get_kind
         from .runtime import load
         pin_threads(spec.threads)
         self.spec, self.predictor = spec, load(spec.bundle, device=spec.device, backend=spec.backend,
                                                threads=spec.threads)
-        self.segmenting = isinstance(self.predictor, VolumePredictor)
+        self.segmenting = get_kind(self.predictor.manifest.kind).batch_writes_files
 
     def rows(self, chunk: list[tuple[str, str | None]]) -> list[dict]:
         if self.segmenting:
@@ -211,8 +211,10 @@ def _pool_pass(spec: WorkerSpec, queue: deque, workers: int, on_rows) -> list:
     is empty or the pool breaks; returns the chunks that were in flight when it broke."""
     import multiprocessing
     inflight: dict = {}
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_process, initargs=(spec,)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_process, initargs=(spec,))
+    broken = False
+    try:
         while queue or inflight:
             while queue and len(inflight) < workers and not (inflight and (queue[0][1] or
                                                                           any(d for _, d in inflight.values()))):
@@ -224,8 +226,22 @@ def _pool_pass(spec: WorkerSpec, queue: deque, workers: int, on_rows) -> list:
                     on_rows(to_table(f.result()))
                     del inflight[f]
             if len(inflight) and any(f in inflight for f in done):
+                broken = True
                 return list(inflight.values())
-    return []
+        return []
+    finally:
+        _close_pool(pool, broken)
+
+
+def _close_pool(pool: ProcessPoolExecutor, broken: bool) -> None:
+    """A pool whose worker was killed can hang in shutdown(wait=True) (a CPython
+    executor issue): its surviving processes are ended first, and nothing waits."""
+    if not broken:
+        pool.shutdown(wait=True)
+        return
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 # -- parts, resume and the merged output ---------------------------------------------------
@@ -330,8 +346,10 @@ def run_batch(bundle, inputs, out, *, ray: bool = False, workers: int | None = N
     from .manifest import stored_hash
     from .runtime.predictor import open_bundle
     path, manifest = open_bundle(bundle)  # hashes checked once here, before any worker starts
-    suffixes, segmenting = _listing(get_kind(manifest.kind).predictor)
-    data = read_inputs(inputs, suffixes, segmenting)
+    kind = get_kind(manifest.kind)
+    suffixes, series = _listing(kind)
+    segmenting = kind.batch_writes_files
+    data = read_inputs(inputs, suffixes, series)
     bad = [f"{n}={v!r}" for n, v in (("workers", workers), ("threads", threads), ("chunk_size", chunk_size),
                                      ("batch_size", batch_size)) if v is not None and (not isinstance(v, int) or v < 1)]
     if bad:
@@ -372,19 +390,12 @@ def run_batch(bundle, inputs, out, *, ray: bool = False, workers: int | None = N
     return result
 
 
-def _listing(predictor_class) -> tuple:
-    """(suffixes, volumes?) a folder is listed with, from what the kind's predictor reads."""
-    from .io.images import IMAGE_SUFFIXES
-    from .io.video import VIDEO_SUFFIXES
-    from .kinds.image import ImagePredictor
-    from .kinds.video import VideoPredictor
-    from .kinds.volume import VolumePredictor
-    for cls, suffixes, volumes in ((VolumePredictor, (".nii", ".nii.gz"), True), (VideoPredictor, VIDEO_SUFFIXES, False),
-                                   (ImagePredictor, IMAGE_SUFFIXES, False)):
-        if issubclass(predictor_class, cls):
-            return tuple(sorted(suffixes)), volumes
-    raise UsageError(f"omedge batch runs image, video and volume bundles, not {predictor_class.__name__}",
-                     "use the Python API (omedge.load) for sequence and text-generation bundles")
+def _listing(kind) -> tuple:
+    """(suffixes, folders are items?) a folder is listed with: the kind declares them."""
+    if not kind.batch_suffixes:
+        raise UsageError(f"omedge batch runs image, video and volume bundles, not {kind.name} bundles",
+                         "use the Python API (omedge.load) for sequence and text-generation bundles")
+    return tuple(sorted(kind.batch_suffixes)), kind.batch_folders_are_items
 
 
 def plan_local(workers: int | None, threads: int | None) -> tuple[int, int]:

@@ -19,6 +19,12 @@ class Kind:
     max_verify: int | None = None  # and at the most (3-D patches are large)
     store_float16 = True          # verification inputs stored as float16 (rounded before the reference)
     cli_predict_help = ""
+    # `omedge batch`: the file suffixes a folder of this kind's inputs is listed by (none:
+    # the kind is not batched), whether sub-folders are items (DICOM series), and whether
+    # each item writes a file (label maps) instead of returning arrays
+    batch_suffixes: tuple[str, ...] = ()
+    batch_folders_are_items = False
+    batch_writes_files = False
 
     # -- build side ---------------------------------------------------------------
     def export_request(self, spec, preprocess: dict, options: dict) -> tuple[dict, list[dict], dict]:

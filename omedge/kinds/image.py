@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..io.images import IMAGE_SUFFIXES
 from ..parity import compare, concat, gates_for
 from ..runtime.predictor import Predictor, softmax
 from ..runtime.preprocess import as_items, preprocess, preprocess_one
@@ -44,6 +45,7 @@ class ImagePredictor(Predictor):
 class ImageKind(Kind):
     name = "image"
     predictor = ImagePredictor
+    batch_suffixes = tuple(sorted(IMAGE_SUFFIXES))
 
     def folder_samples(self, source, pre, limit, name="pixel_values"):
         from ..io.images import list_images

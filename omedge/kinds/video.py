@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import InputError, UsageError
 from ..io.images import read_image
+from ..io.video import VIDEO_SUFFIXES
 from ..parity import compare, gates_for
 from ..runtime.preprocess import as_items, clip_from_frames, preprocess_frame
 from ..runtime.stream import ClipPlan
@@ -86,6 +87,7 @@ class VideoPredictor(ImagePredictor):
 class VideoKind(ImageKind):
     name = "video"
     predictor = VideoPredictor
+    batch_suffixes = tuple(sorted(VIDEO_SUFFIXES))
 
     def export_request(self, spec, preprocess, options):
         """frames: the clip length (the 8-row time table is resized as the official code does).

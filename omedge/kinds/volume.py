@@ -43,6 +43,9 @@ class VolumePredictor(Predictor):
 class VolumeKind(Kind):
     name = "volume"
     predictor = VolumePredictor
+    batch_suffixes = (".nii", ".nii.gz")
+    batch_folders_are_items = True   # a DICOM series
+    batch_writes_files = True        # one label map per volume
     min_verify = 2        # 3-D patches are large
     max_verify = 2
 
