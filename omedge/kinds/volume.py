@@ -48,6 +48,8 @@ class VolumeKind(Kind):
     batch_writes_files = True        # one label map per volume
     min_verify = 2        # 3-D patches are large
     max_verify = 2
+    raw_input = "volume"  # OIP: a NIfTI file (.nii / .nii.gz) or a zip of one DICOM series, as BYTES
+    serve_merge = False   # whole volumes differ in shape: one request, one volume
 
     def checkpoint_options(self, weights):
         """nnU-Net keeps its plans beside the checkpoint as `<file>.pkl`."""
@@ -135,6 +137,38 @@ class VolumeKind(Kind):
                                      float(arr("phantom_logit_scale")) if "phantom_logit_scale" in names else None, gate)
         return {"volume_dice": dice}, failures
 
+    # -- serving: raw volumes in, a label map on the input grid out ---------------------
+    def serve_outputs(self, manifest):
+        return [*super().serve_outputs(manifest), {"name": "labels", "datatype": "UINT8", "shape": [1, -1, -1, -1]},
+                {"name": "affine", "datatype": "FP64", "shape": [1, 4, 4]}]
+
+    def decode_raw(self, p, items, config):
+        """The bytes are written to a private folder and read by read_volume, so the same
+        header checks and voxel limits apply as to files given to predict."""
+        import tempfile
+
+        from ..io.volume import read_volume
+        if len(items) != 1:
+            raise InputError(f"send one volume per request, got {len(items)}")
+        with tempfile.TemporaryDirectory(prefix="omedge-serve-") as tmp:
+            vol = read_volume(_unpack_volume(items[0], Path(tmp), int(config.max_body_mb * 2 ** 20) * 4))
+        return {"volume_data": vol.data[None], "volume_affine": vol.affine[None]}
+
+    def decode_files(self, p, paths, config):
+        from ..io.volume import read_volume
+        if len(paths) != 1:
+            raise InputError(f"send one volume per request, got {len(paths)}")
+        vol = read_volume(paths[0])
+        return {"volume_data": vol.data[None], "volume_affine": vol.affine[None]}
+
+    def serve_run(self, p, feeds, max_batch):
+        if "volume_data" not in feeds:   # preprocessed windows: the graph itself
+            return super().serve_run(p, feeds, max_batch)
+        from ..io.volume import Volume
+        labels, vol = p.segment(Volume(feeds["volume_data"][0], feeds["volume_affine"][0], "request"))
+        dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+        return {"labels": labels[None].astype(dtype), "affine": vol.affine[None].astype(np.float64)}
+
     def add_cli_arguments(self, parser):
         parser.add_argument("--tta", action="store_true", help="volumes: 8-way mirroring (slower, as nnU-Net)")
 
@@ -215,3 +249,33 @@ def volume_patches(volumes, pre: dict, n: int, seed: int) -> list[np.ndarray]:
 
 
 KIND = VolumeKind()
+
+
+def _unpack_volume(data: bytes, folder: Path, max_unpacked: int) -> Path:
+    """NIfTI bytes -> folder/volume.nii[.gz]; a zip of a DICOM series -> folder/series/
+    (member names flattened, so no path in the archive can leave the folder; the
+    unpacked size is bounded, against zip bombs)."""
+    import io
+    import zipfile
+    if data[:2] == b"\x1f\x8b":
+        target = folder / "volume.nii.gz"
+    elif data[:4] == b"PK\x03\x04":
+        series = folder / "series"
+        series.mkdir()
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                members = [m for m in z.infolist() if not m.is_dir()]
+                if sum(m.file_size for m in members) > max_unpacked:
+                    raise InputError(f"the DICOM zip unpacks to more than {max_unpacked >> 20} MB")
+                for k, m in enumerate(members):
+                    (series / f"{k:05d}.dcm").write_bytes(z.read(m))
+        except zipfile.BadZipFile as e:
+            raise InputError(f"the volume is not a readable zip of a DICOM series ({e})") from None
+        return series
+    elif len(data) >= 348 and {int.from_bytes(data[:4], "little"), int.from_bytes(data[:4], "big")} & {348, 540}:
+        target = folder / "volume.nii"
+    else:
+        raise InputError("the volume is neither NIfTI (.nii / .nii.gz) nor a zip of one DICOM series")
+    target.write_bytes(data)
+    return target
+
