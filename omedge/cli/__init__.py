@@ -33,6 +33,14 @@ class Terminated(KeyboardInterrupt):
     remove their partial output (BundleWriter's `.X.omedge.partial-PID`)."""
 
 
+_INTERRUPTED: list = []   # SIGINT seen: libraries that turn it into another error still end with 130
+
+
+def _on_sigint(signum, frame):
+    _INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
+
+
 def _on_sigterm(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second TERM must not cut the clean-up short
     raise Terminated()
@@ -44,10 +52,14 @@ def _sigterm_unwinds():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_int = signal.signal(signal.SIGINT, _on_sigint) \
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler else None
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def positive_int(text: str) -> int:
@@ -78,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"omedge {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
-    from ..batch_cli import add_parser as _add_batch   # neither imports FastAPI, Ray or pyarrow here
+    from ..batch_cli import (
+        add_parser as _add_batch,  # neither imports FastAPI, Ray or pyarrow here
+    )
     from ..serve.cli import add_parser as _add_serve
     for add in (_add_models, _add_devices, _add_export, _add_predict, _add_chat, _add_bench, _add_verify,
                 _add_serve, _add_batch, _add_keygen, _add_sign):
@@ -204,19 +218,29 @@ def main(argv=None) -> int:
     try:
         with _sigterm_unwinds():
             return args.func(args)
+    except Terminated:
+        console.print("[bold red]terminated[/bold red] (SIGTERM): nothing was left half-written")
+        return 143
+    except KeyboardInterrupt:
+        return _interrupted()
     except OmedgeError as e:
+        if _INTERRUPTED:   # e.g. a backend import that a Ctrl-C broke reads as "fails to load"
+            return _interrupted()
         if args.debug:
             console.print_exception()
         console.print(f"[bold red]error:[/bold red] {e.message}")
         if e.hint:
             console.print(f"  -> {e.hint}")
         return e.exit_code
-    except Terminated:
-        console.print("[bold red]terminated[/bold red] (SIGTERM): nothing was left half-written")
-        return 143
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/bold red]: nothing was left half-written")
-        return 130
+    except Exception:
+        if _INTERRUPTED:   # a library (numpy, pybind11 module init) turned the Ctrl-C into another error
+            return _interrupted()
+        raise
+
+
+def _interrupted() -> int:
+    console.print("[bold red]interrupted[/bold red]: nothing was left half-written")
+    return 130
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import signal
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 BACKEND_MODULES = {"onnxruntime": "omedge.runtime.backends.ort", "openvino": "omedge.runtime.backends.ov",
                    "llama.cpp": "omedge.runtime.backends.llama"}
@@ -93,14 +96,38 @@ def probe(name: str) -> dict:
         return {"installed": False, "reason": f"not installed ({LIBRARIES[name]})", "hint": INSTALL_HINT[name],
                 "devices": {}}
     try:
-        cls = backend_class(name)
-        importlib.import_module(LIBRARIES[name])
+        with _interrupts_noticed() as interrupted:
+            cls = backend_class(name)
+            importlib.import_module(LIBRARIES[name])
     except ImportError as e:  # found, but a module, shared library or symbol it needs is missing
+        if interrupted:   # numpy / pybind11 module init turn a Ctrl-C into "ImportError: ... failed"
+            raise KeyboardInterrupt from None
         return _broken(name, str(e))
     try:
         return cls.probe()
     except (RuntimeError, OSError) as e:
         return _broken(name, f"cannot list its devices: {e}")
+
+
+@contextmanager
+def _interrupts_noticed():
+    """Yields a list that is non-empty once SIGINT arrived; the interrupt still raises as
+    usual. Only in the main thread, where Python delivers signals."""
+    seen: list = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield seen
+        return
+
+    def note(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _found(package: str) -> bool:
