@@ -33,7 +33,7 @@ class Terminated(KeyboardInterrupt):
     remove their partial output (BundleWriter's `.X.omedge.partial-PID`)."""
 
 
-_INTERRUPTED: list = []   # SIGINT seen: libraries that turn it into another error still end with 130
+_INTERRUPTED: list = []   # SIGINT / SIGTERM seen: libraries that turn them into another error still end 130 / 143
 
 
 def _on_sigint(signum, frame):
@@ -42,6 +42,7 @@ def _on_sigint(signum, frame):
 
 
 def _on_sigterm(signum, frame):
+    _INTERRUPTED.append(signum)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second TERM must not cut the clean-up short
     raise Terminated()
 
@@ -218,10 +219,7 @@ def main(argv=None) -> int:
     try:
         with _sigterm_unwinds():
             return args.func(args)
-    except Terminated:
-        console.print("[bold red]terminated[/bold red] (SIGTERM): nothing was left half-written")
-        return 143
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # Ctrl-C, or SIGTERM (Terminated)
         return _interrupted()
     except OmedgeError as e:
         if _INTERRUPTED:   # e.g. a backend import that a Ctrl-C broke reads as "fails to load"
@@ -239,6 +237,9 @@ def main(argv=None) -> int:
 
 
 def _interrupted() -> int:
+    if signal.SIGTERM in _INTERRUPTED:
+        console.print("[bold red]terminated[/bold red] (SIGTERM): nothing was left half-written")
+        return 143
     console.print("[bold red]interrupted[/bold red]: nothing was left half-written")
     return 130
 

@@ -135,6 +135,19 @@ def test_ctrl_c_while_importing_the_backend_ends_export_with_130(ckpt_dir, tmp_p
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".b.omedge")]
 
 
+def test_sigterm_turned_into_an_import_error_still_ends_export_with_143(ckpt_dir, tmp_path):
+    """As seen in CI: SIGTERM during `import onnxruntime` came out as "initialization failed"."""
+    fake = tmp_path / "fake" / "onnxruntime"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(SWALLOWED.replace("SIGINT", "SIGTERM").replace("except KeyboardInterrupt",
+                                                                                     "except BaseException"))
+    out = tmp_path / "b.omedge"
+    done = _cli(["export", "brow", "--weights", str(ckpt_dir / "brow_tiny.pth"), "--format", "onnx", "-o", str(out)],
+                {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), str(REPO)])})
+    assert done.returncode == 143, done.stdout + done.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".b.omedge")]
+
+
 def test_a_broken_backend_stops_the_export(ckpt_dir, tmp_path, monkeypatch):
     """Installed but failing to load (a missing shared library) is not "not installed":
     exporting on would ship an ONNX artifact that OpenVINO never ran."""
