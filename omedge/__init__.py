@@ -18,3 +18,11 @@ def export(*args, **kwargs):
 
 
 __all__ = ["export", "load", "OmedgeError", "__version__"]
+
+
+def __getattr__(name):
+    """`omedge.wsi`, `omedge.pack`, ... on first use (they import optional libraries)."""
+    if name in ("wsi", "pack", "profile", "medlsam", "pictures"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'omedge' has no attribute {name!r}")

@@ -49,12 +49,12 @@ def _timed(fn, x, warmup, runs, seconds):
 
 def _stored(bundle):
     """The stored verification inputs as one batch of the first graph input, and the reference."""
-    from .parity import concat, load_samples
+    from .parity import load_samples
     inputs, reference = load_samples(np.load(Path(bundle) / "parity.npz", allow_pickle=False))
     first = [next(iter(f.values())) for f in inputs]
     if any(x.shape != first[0].shape for x in first):  # variable length (sequences): time the first
         return inputs, reference, first[0]
-    return inputs, reference, next(iter(concat(inputs).values()))
+    return inputs, reference, np.concatenate(first)  # the first input only (a later graph's may vary in size)
 
 
 def worker_bundle(bundle, artifact, backend, device, batch, runs, warmup, seconds, threads, mode="latency") -> dict:
@@ -70,14 +70,18 @@ def worker_bundle(bundle, artifact, backend, device, batch, runs, warmup, second
                                                   seconds)]
     else:
         times = _timed(lambda a: p.run(a, batch_size=batch), x, warmup, runs, seconds)
-    art = p.artifact
-    candidate = [p.run(feed, batch_size=1) for feed in inputs]
-    parity = get_kind(p.manifest.kind).parity(reference, candidate, gate_class(art), {}, inputs)
+    art, kind, graphs = p.artifact, get_kind(p.manifest.kind), {}
+    if len(getattr(p, "graphs", {})) > 1:  # several graphs: the kind chains them (verify) and times the later ones
+        parity = kind.verify(p, np.load(Path(bundle) / "parity.npz", allow_pickle=False), p.manifest)
+        graphs = kind.bench_graphs(p, inputs, runs)
+    else:
+        candidate = [p.run(feed, batch_size=1) for feed in inputs]
+        parity = kind.parity(reference, candidate, gate_class(art), {}, inputs)
     size = sum((Path(bundle) / f).stat().st_size for f in art.files)
     return {"variant": f"{art.format} {art.precision}" + (" (throughput)" if mode == "throughput" else ""),
             "artifact": art.name, "mode": mode,
             "runtime": p.describe(), "size_mb": size / 1e6, **_stats(times, batch),
-            "peak_rss_mb": _peak_rss_mb(), "parity": parity}
+            "peak_rss_mb": _peak_rss_mb(), "parity": parity, **({"graphs": graphs} if graphs else {})}
 
 
 def worker_torch(model_id, variant, weights, seed, batch, runs, warmup, seconds, threads, bundle) -> dict:
@@ -99,8 +103,9 @@ def worker_torch(model_id, variant, weights, seed, batch, runs, warmup, seconds,
         outs = {k: v.numpy() for k, v in model(torch.from_numpy(x_all)).items()}
     parity = None
     if bundle:
-        names = set(reference[0])
+        names = set(reference[0])  # a multi-graph bundle's torch forward is its first graph
         candidate = [{k: v[i:i + 1] for k, v in outs.items() if k in names} for i in range(len(x_all))]
+        reference = [{k: v for k, v in r.items() if k in outs} for r in reference]
         parity = get_kind(spec.kind).parity(reference, candidate, "fp32", {}, inputs)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"variant": "torch fp32 eager", "artifact": "-", "runtime": {"backend": "torch", "version":
@@ -157,7 +162,8 @@ def bench_bundle(bundle, device="cpu", batch=1, runs=20, warmup=3, seconds=5.0, 
     """Every artifact of the bundle on every backend that can run it on `device`, in
     each mode ("latency": one request at a time; "throughput": several in flight)."""
     from .runtime.plan import plan
-    candidates, skipped = plan(read_manifest(bundle).artifacts, device)
+    m = read_manifest(bundle)
+    candidates, skipped = plan(m.artifacts_for(m.roles()[0]), device)  # the later graphs open beside the first
     rows = []
     for art, backend, dev in candidates:
         for mode in modes:

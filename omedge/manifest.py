@@ -137,6 +137,10 @@ class Manifest:
     def artifacts_for(self, role: str = "model") -> list[Artifact]:
         return [a for a in self.artifacts if a.role == role]
 
+    def roles(self) -> list[str]:
+        """Graph roles in run order (the order of the artifacts); one-graph bundles: ["model"]."""
+        return list(dict.fromkeys(a.role for a in self.artifacts)) or ["model"]
+
     def to_dict(self) -> dict:
         return asdict(self)
 

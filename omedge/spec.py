@@ -53,10 +53,14 @@ class TensorSpec:
 @dataclass(frozen=True)
 class GraphSpec:
     """One exported graph of a bundle; a bundle with several (SAM: encoder + decoder)
-    gives each its own role. `inputs`/`outputs` name TensorSpecs of the ModelSpec."""
+    gives each its own role. `inputs`/`outputs` name TensorSpecs of the ModelSpec; an
+    input that an earlier graph outputs is chained to it (see omedge/exporters/graphs.py).
+    quantize: "yes" (every recipe), or "if-passes" (an INT8 artifact of this graph that
+    fails its gate is replaced by the fp32 one of the same format, and the manifest says so)."""
     role: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    quantize: str = "yes"
 
 
 @dataclass

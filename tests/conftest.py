@@ -14,6 +14,14 @@ from PIL import Image
 import omedge.models as models
 
 
+def pytest_configure(config):
+    """omedge's own per-user cache (the llama.cpp CPU variant verified per machine) lives
+    in a fresh folder for the session, so tests see a first run, not a developer's cache."""
+    import os
+    import tempfile
+    os.environ["OMEDGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="omedge-test-cache-")
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     real_connect = socket.socket.connect

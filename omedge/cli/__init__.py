@@ -20,6 +20,7 @@ from .commands import (  # noqa: F401
     cmd_export,
     cmd_keygen,
     cmd_models,
+    cmd_pack,
     cmd_predict,
     cmd_sign,
     cmd_verify,
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from ..serve.cli import add_parser as _add_serve
     for add in (_add_models, _add_devices, _add_export, _add_predict, _add_chat, _add_bench, _add_verify,
-                _add_serve, _add_batch, _add_keygen, _add_sign):
+                _add_serve, _add_batch, _add_keygen, _add_sign, _add_pack):
         add(sub)
     return ap
 
@@ -140,6 +141,7 @@ def _add_export(sub):
     s.add_argument("--frames", type=positive_int, help="video models: frames per clip (Endo-FM default 8)")
     s.add_argument("--crop", choices=["official", "center"],
                    help="video models: the official evaluation's left/top crop (default) or a centre crop")
+    s.add_argument("--sam", metavar="PATH", help="medlsam: the SAM/MedSAM ViT-B checkpoint beside --weights medlam.pth")
     s.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (only for trusted files)")
     s.add_argument("-o", "--output", help="bundle folder (.omedge)")
     s.add_argument("--overwrite", action="store_true")
@@ -156,7 +158,8 @@ def _add_predict(sub):
     s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino", "llama.cpp"])
     s.add_argument("--threads", type=positive_int)
     s.add_argument("--batch-size", type=positive_int, help="images per run (default 8; volumes: windows per run, 2)")
-    s.add_argument("-o", "--output", help="where to write the result (volumes: the label map, .nii.gz)")
+    s.add_argument("-o", "--output", help="where to write the result (volumes: a .nii.gz label map, or a .dcm "
+                   "DICOM-SEG; slides: the .h5 features)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     s.add_argument("--json", action="store_true")
     for kind in all_kinds():  # each kind adds the arguments only it reads
@@ -188,6 +191,9 @@ def _add_bench(sub):
     s.add_argument("--input", help="segmentation bundles: time whole-volume inference on this NIfTI / DICOM")
     s.add_argument("--throughput", action="store_true",
                    help="also measure with several requests in flight (OpenVINO streams)")
+    s.add_argument("--profile", action="store_true",
+                   help="where the time goes: the slowest nodes and op types, with the kernel each ran, per backend")
+    s.add_argument("--top", type=positive_int, default=15, help="--profile: how many nodes to list")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench)
 
@@ -213,6 +219,24 @@ def _add_sign(sub):
     s.set_defaults(func=cmd_sign)
 
 
+def _add_pack(sub):
+    s = sub.add_parser("pack", help="bundle(s) + run-side wheels + install script: one tar for a machine "
+                       "with no network")
+    s.add_argument("bundles", nargs="+")
+    s.add_argument("-o", "--output", required=True, help="the kit, KIT.tar (it unpacks to KIT/)")
+    s.add_argument("--backend", help="comma list of onnxruntime, openvino, llama.cpp (default: every backend "
+                   "the bundles are verified on)")
+    s.add_argument("--platform", help="linux-x86_64, linux-aarch64, win-amd64, macos-arm64, or a tag such as "
+                   "manylinux_2_31_x86_64 (default: this machine)")
+    s.add_argument("--python", help="the target's Python as X.Y (default: this one)")
+    s.add_argument("--extra", action="append", default=[], help="more omedge extras for the kit, e.g. wsi,dicom")
+    s.add_argument("--wheel", action="append", default=[], metavar="PATH",
+                   help="a wheel the index lacks for the target (built on a machine of that platform); repeatable")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing kit tar")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_pack)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_pillow_bomb_warning()
@@ -236,11 +260,15 @@ def main(argv=None) -> int:
         raise
 
 
+_LEFT = ("nothing was left half-written (a slide's .NAME.partial features file is kept: rerun the same "
+         "command to resume it)")
+
+
 def _interrupted() -> int:
     if signal.SIGTERM in _INTERRUPTED:
-        console.print("[bold red]terminated[/bold red] (SIGTERM): nothing was left half-written")
+        console.print("[bold red]terminated[/bold red] (SIGTERM): " + _LEFT)
         return 143
-    console.print("[bold red]interrupted[/bold red]: nothing was left half-written")
+    console.print("[bold red]interrupted[/bold red]: " + _LEFT)
     return 130
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import OmedgeError, UsageError
@@ -72,6 +73,12 @@ def cmd_devices(args):
             rows.append((name, p["version"].split("-")[0], dev, "yes" if reason is None else "no", reason or ""))
     out.print(_table("backends x devices", ["backend", "version", "device", "can run", "why not / what to install"],
                      rows))
+    llama = inv["backends"].get("llama.cpp", {})
+    if llama.get("installed"):
+        variant = llama.get("cpu_variant")
+        built = (f"runtime CPU dispatch over {', '.join(llama['cpu_dispatch'])}" if llama.get("cpu_dispatch")
+                 else "one static CPU backend (no runtime dispatch: see the README's llama.cpp build)")
+        out.print(f"[bold]llama.cpp CPU kernels[/bold]: {variant} ({built})")
     for name, p in inv["backends"].items():
         if p.get("warning"):
             out.print(f"[bold yellow]warning[/bold yellow] ({name}): {p['warning']}")
@@ -97,7 +104,7 @@ def cmd_export(args):
     if spec.exporter and args.quant and precision != "fp32":
         raise UsageError("give either --quant or one of --int4/--int8/--fp16")
     options = {"labels": [s.strip() for s in args.labels.split(",")] if args.labels else None,
-               "frames": args.frames, "crop": args.crop}
+               "frames": args.frames, "crop": args.crop, "sam": getattr(args, "sam", None)}
     if spec.exporter:
         options = {"quant": args.quant, "keep_f16": args.keep_f16 or None, "threads": args.threads}
     with console.status("exporting") as status, _library_output_to_stderr():
@@ -130,15 +137,15 @@ def parity_table(path, m):
             rows.append((a.name, name, figures, "pass" if par.get("passed") else "FAIL (forced)"))
         for key, met in par.items():
             if key.startswith("vs_"):
-                rows.append((a.name, key, f"argmax agreement {met['argmax_agreement']:.4f}, positions "
-                             f"{met['positions']}, max abs logit error {met['logit_max_abs']:.3g}",
+                rows.append((a.name, key, (f"argmax agreement {met['argmax_agreement']:.4f}, positions "
+                              f"{met['positions']}, max abs logit error {met['logit_max_abs']:.3g}"),
                              "pass" if par.get("passed") else "FAIL (forced)"))
         if "volume_dice" in par:
             rows.append((a.name, "whole volume", f"Dice min {par['volume_dice']['min']:.4f}", ""))
         if "tokenizer" in par:
             tok = par["tokenizer"]
-            rows.append((a.name, "tokenizer round trip", f"{tok['exact']}/{tok['texts']} texts identical to "
-                         "transformers", "pass" if tok["passed"] else "FAIL"))
+            rows.append((a.name, "tokenizer round trip", (f"{tok['exact']}/{tok['texts']} texts identical to "
+                         "transformers"), "pass" if tok["passed"] else "FAIL"))
         gate = par.get("gate") or par.get("gates")
         rows.append((a.name, "gate", json.dumps(gate), ""))
     return _table(f"{path} - parity vs torch fp32 ({m.verification.get('samples', '-')} inputs)",
@@ -184,7 +191,7 @@ def cmd_verify(args):
         out.print(_table("parity on this machine vs the stored reference",
                          ["artifact", "backend", "device", "exec precision", "figures", "result"], rows))
         for s in report["skipped"]:
-            console.print(f"[dim]skipped: {s}[/dim]")
+            console.print(f"[dim]skipped: {escape(s)}[/dim]")   # "omedge[openvino]" is not markup
     return 0 if report["passed"] else 5
 
 
@@ -203,9 +210,32 @@ def cmd_sign(args):
     return 0
 
 
+def cmd_pack(args):
+    from ..pack import pack
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()] if args.backend else None
+    with console.status("packing") as status:
+        def log(msg):
+            status.update(msg)
+            console.log(msg)
+        kit = pack(args.bundles, args.output, backends=backends, platform=args.platform, python=args.python,
+                   extras=args.extra, wheels=args.wheel, overwrite=args.overwrite, log=log)
+    if args.json:
+        print(json.dumps(kit, indent=2))
+        return 0
+    name = Path(kit["kit"]).name[:-len(".tar")]
+    out.print(f"{kit['kit']}: {kit['bytes'] / 1e6:.1f} MB, {len(kit['bundles'])} bundle(s), {len(kit['wheels'])} "
+              f"wheels for {kit['platform']} / Python {kit['python']} (backends {', '.join(kit['backends'])}"
+              + (f"; extras {', '.join(kit['extras'])}" if kit["extras"] else "") + ")")
+    script = "install.ps1" if kit["platform"].startswith("win") else "install.sh"
+    out.print(f"on the target: tar xf {Path(kit['kit']).name} && {name}/{script} [VENV]")
+    return 0
+
+
 def cmd_bench(args):
     from ..bench import add_ratios, bench_bundle, bench_model, bench_volume
     target = Path(args.target)
+    if args.profile:
+        return _bench_profile(target, args)
     if args.input:
         if not target.is_dir():
             raise UsageError("--input benchmarks a segmentation bundle: give the bundle folder")
@@ -238,6 +268,20 @@ def cmd_bench(args):
         print(json.dumps(rows, indent=2, default=str))
         return 0
     out.print(bench_table(rows, args.batch))
+    return 0
+
+
+def _bench_profile(target: Path, args) -> int:
+    from ..profile import profile_backends, render
+    if not target.is_dir():
+        raise UsageError("--profile needs a bundle folder", "export one first: omedge export MODEL ... -o X.omedge")
+    with console.status("profiling each backend"), _library_output_to_stderr():
+        reports = profile_backends(target, device=args.device, runs=min(args.runs, 10), threads=args.threads,
+                                   top=args.top)
+    if args.json:
+        print(json.dumps(reports, indent=2, default=str))
+        return 0
+    render(reports, out)
     return 0
 
 

@@ -140,7 +140,10 @@ class _Job:
             weights_info = {"source": "random", "seed": seed,
                             "warning": "RANDOM WEIGHTS: for testing the pipeline only, not a medical model"}
         out = Path(out or f"{spec.id}-{variant}-{precision}{'-random' if random_weights else ''}.omedge")
-        return cls(spec, kind, recipes, out, variant, model, options, weights_info, pre, inputs, log)
+        pre, shapes = kind.model_request(spec, pre, model)  # facts the variant fixes (SAM: image size)
+        job = cls(spec, kind, recipes, out, variant, model, options, weights_info, pre, _shaped(inputs, shapes), log)
+        job.shapes = shapes
+        return job
 
     def samples(self, calib, calib_size, verify_data, verify_size, seed, record_names=False):
         """Calibration (static INT8) and verification samples: held out from the calibration
@@ -164,7 +167,8 @@ class _Job:
                                **_file_record(used, record_names, Path(calib).name)}
             if held:
                 parts += held
-                self.verify_info["held_out_calibration"] = {"count": len(held), **_file_record(held_names, record_names)}
+                self.verify_info["held_out_calibration"] = {"count": len(held),
+                                                            **_file_record(held_names, record_names)}
                 self.log(f"parity.npz keeps {len(held)} held-out calibration inputs after preprocessing (float16): "
                          "pass --verify-data synthetic where patient pixels may not leave the site")
         elif calib is not None:
@@ -187,7 +191,12 @@ class _Job:
     def reference(self, labels, seed):
         import torch
         outputs = self.spec.outputs_for(self.options)
-        self.outputs = [o.to_dict() for o in outputs]
+        self.outputs = _shaped([o.to_dict() for o in outputs], self.shapes)
+        if self.spec.graphs:  # several graphs with roles: exporters/graphs.py
+            from . import graphs
+            if labels is not None:
+                raise UsageError(f"--labels do not apply to {self.spec.id}")
+            return graphs.reference(self, seed)
         names = [o["name"] for o in self.outputs]
         with torch.no_grad():
             self.ref = [{k: v.numpy() for k, v in self.model(*self._torch(feed)).items() if k in names}
@@ -219,6 +228,10 @@ class _Job:
             writer.check_space(int(n_params * 4 * (1 + len(self.recipes)) * 1.2) + (50 << 20))
             work = writer.dir / ".work"
             work.mkdir()
+            if self.spec.graphs:
+                from . import graphs
+                artifacts, onnx_info = graphs.write(self, writer)
+                return self._finish(writer, artifacts, n_params, onnx_info, force)
             self.log("exporting ONNX (fp32)")
             onnx_fp32 = work / "model.onnx"
             example = tuple(torch.from_numpy(a) for a in self._first_inputs())
@@ -238,11 +251,14 @@ class _Job:
                 for backend, why in (art.parity.get("not_verified") or {}).items():
                     self.log(f"{art.name} not verified on {backend} (it will not run there): {why}")
                 artifacts.append(art)
-            _refuse_failures(artifacts, force)
-            shutil.rmtree(work, ignore_errors=True)
-            self.constants = self._save_constants(writer.dir)
-            save_samples(writer.dir / "parity.npz", self.verify_feeds, self.ref, self.extra, self.kind.store_float16)
-            return writer.commit(self._manifest(artifacts, n_params, onnx_info))
+            return self._finish(writer, artifacts, n_params, onnx_info, force)
+
+    def _finish(self, writer, artifacts, n_params, onnx_info, force) -> Path:
+        _refuse_failures(artifacts, force)
+        shutil.rmtree(writer.dir / ".work", ignore_errors=True)
+        self.constants = self._save_constants(writer.dir)
+        save_samples(writer.dir / "parity.npz", self.verify_feeds, self.ref, self.extra, self.kind.store_float16)
+        return writer.commit(self._manifest(artifacts, n_params, onnx_info))
 
     def _save_constants(self, root: Path) -> dict:
         """Arrays the spec declares as constants (e.g. CITE's class-text embeddings), from
@@ -279,6 +295,11 @@ class _Job:
             export={"onnx": onnx_info}, forced=any(not a.parity["passed"] for a in artifacts), tools=_versions())
 
 
+def _shaped(tensors: list[dict], shapes: dict) -> list[dict]:
+    """Tensor dicts with the sizes the built model fixes filled in."""
+    return [{**t, "shape": list(shapes[t["name"]])} if t["name"] in shapes else t for t in tensors]
+
+
 def _refuse_failures(artifacts: list[Artifact], force: bool) -> None:
     """Every artifact is verified first, so the refusal can say which formats passed."""
     failed = [a for a in artifacts if not a.parity["passed"]]
@@ -287,8 +308,8 @@ def _refuse_failures(artifacts: list[Artifact], force: bool) -> None:
     passed = [a for a in artifacts if a.parity["passed"]]
     hint = "no bundle was written; "
     if passed:
-        hint += (f"{', '.join(a.name for a in passed)} passed: rerun with --format "
-                 f"{','.join(a.format for a in passed)} to keep only those, or ")
+        hint += (f"{', '.join(_named(a) for a in passed)} passed: rerun with --format "
+                 f"{','.join(dict.fromkeys(a.format for a in passed))} to keep only those, or ")
     static = [a for a in failed if (a.quantization or {}).get("calibration_samples")]
     if static:  # calibrated INT8: where the loss is, and what changes it
         from ..quantize.diagnose import describe
@@ -302,8 +323,12 @@ def _refuse_failures(artifacts: list[Artifact], force: bool) -> None:
     else:
         hint += "try another precision or more representative calibration data; "
     hint += "or pass --force to keep the failing artifact (marked in the manifest; the runtime will not use it)"
-    raise ParityError("; ".join(f"{a.name} failed its parity gate: {'; '.join(a.parity['failures'])}"
+    raise ParityError("; ".join(f"{_named(a)} failed its parity gate: {'; '.join(a.parity['failures'])}"
                                 for a in failed), hint)
+
+
+def _named(a: Artifact) -> str:
+    return a.name if a.role == "model" else f"{a.name} ({a.role})"
 
 
 def _labels(given, spec, reference: dict, options: dict) -> list[str] | None:

@@ -56,23 +56,34 @@ def _save_ir(ov_model, root: Path, recipe, role, quantization=None):
     return files[0], quantization, files
 
 
-def openvino_ir(src, root, recipe, role, calib):
+def _convert(src: Path):
+    """ONNX -> OpenVINO model whose outputs carry exactly the ONNX output names: OpenVINO
+    merges the names of fused nodes into an output tensor (a LayerNorm's Div + Mul + Add),
+    and a backend reading `any_name` would then see an internal name."""
     from . import openvino as ovx
-    entry, _, _ = _save_ir(ovx.convert(src), root, recipe, role)
+    model = ovx.convert(src)
+    import onnx  # the graph's output names only: its weights (maybe hard-linked external data) are not read
+    names = [o.name for o in onnx.load(str(src), load_external_data=False).graph.output]
+    if len(names) == len(model.outputs):
+        for port, name in zip(model.outputs, names):
+            port.get_tensor().set_names({name})
+    return model
+
+
+def openvino_ir(src, root, recipe, role, calib):
+    entry, _, _ = _save_ir(_convert(src), root, recipe, role)
     return entry, None
 
 
 def openvino_int8_static(src, root, recipe, role, calib):
     from ..quantize import nncf_int8
-    from . import openvino as ovx
-    model, info = nncf_int8.quantize_static(ovx.convert(src), calib)
+    model, info = nncf_int8.quantize_static(_convert(src), calib)
     return _save_ir(model, root, recipe, role)[0], info
 
 
 def openvino_int8_weights(src, root, recipe, role, calib):
     from ..quantize import nncf_int8
-    from . import openvino as ovx
-    model, info = nncf_int8.compress_weights(ovx.convert(src))
+    model, info = nncf_int8.compress_weights(_convert(src))
     return _save_ir(model, root, recipe, role)[0], info
 
 

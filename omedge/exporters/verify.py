@@ -16,6 +16,15 @@ from ..runtime.backends import backend_class, probe
 
 def verify_artifact(art: Artifact, recipe, root: Path, kind, feeds: list[dict], reference: list[dict],
                     extra: dict, pre: dict, overrides: dict) -> None:
+    def measure(backend, runner):
+        return _verify_on(runner, art, recipe, kind, feeds, reference, extra, pre, overrides)
+    verify_with(art, recipe, root, measure)
+
+
+def verify_with(art: Artifact, recipe, root: Path, measure) -> None:
+    """Run `measure(backend, runner) -> parity record` on every backend of the recipe
+    (multi-graph bundles measure end to end through it, exporters/graphs.py) and record
+    the result in `art`."""
     results, absent = {}, {}
     for backend in recipe.backends:
         found = probe(backend)
@@ -24,7 +33,13 @@ def verify_artifact(art: Artifact, recipe, root: Path, kind, feeds: list[dict], 
         if not found["installed"]:
             absent[backend] = f"{found['reason']} -> {found['hint']}"
             continue
-        results[backend] = _verify_on(backend, art, recipe, root, kind, feeds, reference, extra, pre, overrides)
+        # bf16 is verified even where this CPU only emulates it: slow, but the numbers are bf16's
+        options = {**art.runtime.get(backend, {}), "allow_emulated_bf16": True}
+        runner = backend_class(backend)({"model": root / art.entry}, "cpu", options)
+        result = measure(backend, runner)
+        result["passed"] = not result["failures"]
+        result["measured_with"] = runner.describe()
+        results[backend] = result
     if not results:
         raise ExportError(f"no backend that runs {art.name} is installed ({', '.join(recipe.backends)})",
                           "pip install 'omedge[export]'")
@@ -40,15 +55,10 @@ def verify_artifact(art: Artifact, recipe, root: Path, kind, feeds: list[dict], 
     art.parity = chosen
 
 
-def _verify_on(backend, art, recipe, root, kind, feeds, reference, extra, pre, overrides) -> dict:
-    # bf16 is verified even where this CPU only emulates it: slow, but the numbers are bf16's
-    options = {**art.runtime.get(backend, {}), "allow_emulated_bf16": True}
-    runner = backend_class(backend)({"model": root / art.entry}, "cpu", options)
+def _verify_on(runner, art, recipe, kind, feeds, reference, extra, pre, overrides) -> dict:
     candidate = [runner.run(feed) for feed in feeds]  # batch 1, as the quantizer calibrated
     result = kind.parity(reference, candidate, recipe.gate, overrides, feeds)
     checks, failures = kind.pipeline_check(lambda b: runner.run({art.inputs[0]: b}), extra, pre, recipe.gate)
     result.update(checks)
     result["failures"] += failures
-    result["passed"] = not result["failures"]
-    result["measured_with"] = runner.describe()
     return result

@@ -35,6 +35,7 @@ class Volume:
     affine: np.ndarray        # voxel -> RAS mm
     source: str
     header: object = None     # nibabel header of a NIfTI input, reused when writing
+    dicom: list | None = None  # a DICOM input's datasets in k order, pixel data dropped: what a DICOM-SEG references
 
     @property
     def spacing(self) -> np.ndarray:
@@ -165,6 +166,8 @@ def read_dicom_series(folder: Path) -> Volume:
     arrays = [ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1) or 1)
               + float(getattr(ds, "RescaleIntercept", 0) or 0) for ds in slices]
     data = np.stack(arrays, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (i=col, j=row, k)
+    for ds in slices:  # kept for a DICOM-SEG (UIDs, positions, patient/study), without a second copy of the voxels
+        del ds.PixelData
     ps = [float(v) for v in slices[0].PixelSpacing]      # [row spacing, column spacing]
     lps = np.eye(4)
     lps[:3, 0] = row * ps[1]
@@ -172,7 +175,7 @@ def read_dicom_series(folder: Path) -> Volume:
     lps[:3, 2] = normal * step
     lps[:3, 3] = np.array(slices[0].ImagePositionPatient, dtype=np.float64)
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM LPS -> NIfTI RAS
-    return checked(Volume(data, affine, f"DICOM series {uid}"))
+    return checked(Volume(data, affine, f"DICOM series {uid}", dicom=slices))
 
 
 def write_labels(labels: np.ndarray, like: Volume, path, overwrite: bool = False) -> Path:
@@ -188,14 +191,23 @@ def write_labels(labels: np.ndarray, like: Volume, path, overwrite: bool = False
     img = nib.Nifti1Image(labels.astype(dtype), like.affine, header)
     img.set_data_dtype(dtype)
     img.header["scl_slope"], img.header["scl_inter"] = 1, 0
+
+    def stream(raw):
+        if path.name.endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:
+                img.to_stream(out)
+        else:
+            img.to_stream(raw)
+    return write_atomic(path, stream)
+
+
+def write_atomic(path: Path, write) -> Path:
+    """write(binary file) into an O_EXCL temp file beside `path`, fsync, rename over `path`:
+    a planted symlink is never followed and a failed write leaves nothing behind."""
     fd, tmp = _exclusive_temp(path)
     try:
         with os.fdopen(fd, "wb") as raw:
-            if path.name.endswith(".gz"):
-                with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:
-                    img.to_stream(out)
-            else:
-                img.to_stream(raw)
+            write(raw)
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
@@ -208,13 +220,18 @@ def write_labels(labels: np.ndarray, like: Volume, path, overwrite: bool = False
     return path
 
 
-def check_output(path, overwrite: bool = False) -> Path:
-    """Refuse an unusable output location before the work that would fill it: a folder,
-    an existing file (without overwrite), a missing or non-folder parent, a name the file
-    system cannot hold, or a folder where no file can be created (read-only, /proc...)."""
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def check_output(path, overwrite: bool = False, suffixes=NIFTI_SUFFIXES, what: str = "a label map is written as NIfTI"
+                 ) -> Path:
+    """Refuse an unusable output location before the work that would fill it: a wrong
+    suffix, a folder, an existing file (without overwrite), a missing or non-folder parent,
+    a name the file system cannot hold, or a folder where no file can be created."""
     path = Path(path)
-    if not (path.name.endswith(".nii.gz") or path.name.endswith(".nii")):
-        raise UsageError(f"{path}: a label map is written as NIfTI", "give a name ending in .nii.gz (or .nii)")
+    if not path.name.endswith(tuple(suffixes)):
+        also = f" (or {', '.join(suffixes[1:])})" if len(suffixes) > 1 else ""
+        raise UsageError(f"{path}: {what}", f"give a name ending in {suffixes[0]}{also}")
     folder = path.parent
     try:
         name_max = os.pathconf(folder, "PC_NAME_MAX")
@@ -225,7 +242,7 @@ def check_output(path, overwrite: bool = False) -> Path:
                          f"over this file system's {name_max}", "choose a shorter -o name")
     try:
         if path.is_dir():
-            raise UsageError(f"{path} is a folder", "give a file name ending in .nii.gz")
+            raise UsageError(f"{path} is a folder", f"give a file name ending in {suffixes[0]}")
         if (path.exists() or path.is_symlink()) and not overwrite:
             raise UsageError(f"{path} already exists", "pass --overwrite to replace it")
         for above in (folder, *folder.parents):

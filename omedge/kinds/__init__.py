@@ -14,6 +14,8 @@ KINDS = {
     "volume": "omedge.kinds.volume",
     "sequence": "omedge.kinds.sequence",
     "text-generation": "omedge.kinds.text_generation",
+    "promptable-segmentation": "omedge.kinds.promptable",
+    "volume-prompted": "omedge.kinds.medlsam",
 }
 
 

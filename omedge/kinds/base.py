@@ -25,6 +25,8 @@ class Kind:
     batch_suffixes: tuple[str, ...] = ()
     batch_folders_are_items = False
     batch_writes_files = False
+    # `omedge pack`: the package extras (pyproject) this kind needs on the run side
+    run_extras: tuple[str, ...] = ()
 
     # -- build side ---------------------------------------------------------------
     def export_request(self, spec, preprocess: dict, options: dict) -> tuple[dict, list[dict], dict]:
@@ -52,6 +54,21 @@ class Kind:
         held = [i for i in range(k - 1, len(samples), k)][:wanted]
         keep = [i for i in range(len(samples)) if i not in held]
         return [samples[i] for i in keep], [samples[i] for i in held], [names[i] for i in held]
+
+    def model_request(self, spec, preprocess: dict, model) -> tuple[dict, dict]:
+        """(preprocess, {tensor name: shape}) once the model is built, for facts the variant
+        fixes (SAM: the image size). The default changes nothing."""
+        return preprocess, {}
+
+    def graph_feeds(self, role: str, samples: list[dict], upstream: list[dict], seed: int, purpose: str) -> list[dict]:
+        """Multi-graph bundles: the inputs of graph `role` that no earlier graph outputs (SAM's
+        decoder: prompts), one feed per sample of the first graph. upstream[i]: the earlier
+        graphs' torch outputs for sample i; purpose: "verify" or "calibrate"."""
+        raise NotImplementedError(f"{self.name} models have one graph")
+
+    def bench_graphs(self, predictor, inputs: list[dict], runs: int) -> dict:
+        """Multi-graph bundles: latency of the graphs after the first (`omedge bench`)."""
+        return {}
 
     def pipeline_reference(self, run_torch, pre: dict, seed: int) -> dict:
         """Arrays for a whole-pipeline check stored in parity.npz (volumes: a phantom)."""

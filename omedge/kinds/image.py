@@ -116,9 +116,25 @@ class ImageKind(Kind):
 
     def add_cli_arguments(self, parser):
         parser.add_argument("--stride", type=int, help="videos / frame folders: a result every N sampled frames")
+        parser.add_argument("--wsi", action="store_true", help="inputs are whole-slide images (implied for .svs, "
+                            ".ndpi, .scn, .bif): tissue tiles -> HDF5 features + coords (-o NAME.h5)")
+        parser.add_argument("--mpp", type=float, default=0.5, help="slides: µm/px of the tiles (default 0.5, 20x)")
+        parser.add_argument("--tile", type=int, default=224, help="slides: tile size in px at --mpp (default 224)")
+        parser.add_argument("--mpp-base", type=float, help="slides: the scan's µm/px, for files that do not say it")
+        parser.add_argument("--mpp-nearest", action="store_true", help="slides: when --mpp is finer than the scan, "
+                            "read tiles at the scan's resolution (with a warning) instead of refusing")
+        parser.add_argument("--min-tissue", type=float, default=0.5, help="slides: least tissue share of a tile")
+        parser.add_argument("--workers", type=int, default=4, help="slides: tile-reading threads (default 4)")
+        parser.add_argument("--thumbnail", help="slides: PNG of the slide with the tissue mask and tile grid")
+        parser.add_argument("--heatmap", nargs="?", const="top", metavar="CLASS", help="slides, classifier "
+                            "bundles: colour the thumbnail's tiles by CLASS's probability (default: the top class)")
 
     def cli_predict(self, p, args, ui) -> int:
         from ..io.video import VIDEO_SUFFIXES
+        from ..io.wsi import SLIDE_SUFFIXES
+        if getattr(args, "wsi", False) or any(Path(i).suffix.lower() in SLIDE_SUFFIXES for i in args.inputs):
+            from ..wsi import cli_run
+            return cli_run(p, args, ui)
         if any(Path(i).suffix.lower() in VIDEO_SUFFIXES or Path(i).is_dir() for i in args.inputs):
             return stream_report(p, args, ui)
         outputs = p.predict(args.inputs, batch_size=args.batch_size or 8, return_dict=True)

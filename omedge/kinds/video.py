@@ -88,6 +88,7 @@ class VideoKind(ImageKind):
     name = "video"
     predictor = VideoPredictor
     batch_suffixes = tuple(sorted(VIDEO_SUFFIXES))
+    run_extras = ("video",)
 
     def export_request(self, spec, preprocess, options):
         """frames: the clip length (the 8-row time table is resized as the official code does).

@@ -39,12 +39,34 @@ class VolumePredictor(Predictor):
                          batch_size=batch_size, mirror=tta, progress=progress)
         return labels, vol
 
+    def write_dicom_seg(self, labels, vol, path, overwrite: bool = False):
+        """A DICOM Segmentation of `labels` referencing vol's source series, its segments
+        named from the bundle's labels and identified by model id and manifest hash."""
+        from ..io.dicom_seg import write_dicom_seg
+        return write_dicom_seg(labels, vol, path, self.labels, self.algorithm_name, self.algorithm_version, overwrite)
+
+    def write_preview(self, labels, vol, path, overwrite: bool = False):
+        """A PNG of 3 orthogonal slices through the labels, overlaid in the SEG's colours."""
+        from ..pictures import write_preview
+        return write_preview(labels, vol, path, self.labels, overwrite)
+
+    @property
+    def algorithm_name(self) -> str:
+        return f"{self.manifest.model['id']} {self.manifest.model.get('variant') or ''}".strip()
+
+    @property
+    def algorithm_version(self) -> str:
+        """The manifest's hash: which bundle, to the byte, produced a result."""
+        from ..manifest import stored_hash
+        return stored_hash(self.path)
+
 
 class VolumeKind(Kind):
     name = "volume"
     predictor = VolumePredictor
     batch_suffixes = (".nii", ".nii.gz")
     batch_folders_are_items = True   # a DICOM series
+    run_extras = ("volume", "dicom")  # NIfTI / DICOM in, DICOM-SEG out
     batch_writes_files = True        # one label map per volume
     min_verify = 2        # 3-D patches are large
     max_verify = 2
@@ -171,37 +193,80 @@ class VolumeKind(Kind):
 
     def add_cli_arguments(self, parser):
         parser.add_argument("--tta", action="store_true", help="volumes: 8-way mirroring (slower, as nnU-Net)")
+        parser.add_argument("--format", dest="volume_format", choices=list(OUTPUT_FORMATS),
+                            help="volumes: the label map as NIfTI or as a DICOM-SEG referencing the input series "
+                                 "(default: from the -o suffix, .dcm -> dicom-seg)")
+        parser.add_argument("--preview", metavar="PNG",
+                            help="also write a PNG to check by eye (volumes: 3 orthogonal slices with the labels "
+                                 "overlaid; SAM: the image with each prompt's mask and box)")
 
     def cli_predict(self, p, args, ui) -> int:
-        """CT/MR volumes -> NIfTI label maps on the input grid, with per-class volumes."""
-        from rich.progress import Progress
-
-        from ..io.volume import check_output, write_labels
-        from ..runtime.volume import class_volumes
+        """CT/MR volumes -> label maps on the input grid (NIfTI or DICOM-SEG), with
+        per-class volumes and optionally a preview picture."""
         if args.output and len(args.inputs) > 1:
             raise UsageError("-o names one label map; give one input at a time, or omit -o to write "
                              "<input>_seg.nii.gz next to each input")
-        results = []
-        for src in args.inputs:
-            name = Path(src).name.removesuffix(".gz").removesuffix(".nii")
-            target = Path(args.output) if args.output else Path(src).parent / f"{name}_seg.nii.gz"
-            check_output(target, args.overwrite)  # before the segmentation, not after it
-            t0 = time.perf_counter()
-            with Progress(console=ui.err, transient=True) as bar:
-                task = bar.add_task(f"segmenting {Path(src).name}", total=None)
-                labels, vol = p.segment(src, tta=args.tta, batch_size=args.batch_size or 2,
-                                        progress=lambda done, total, task=task: bar.update(task, completed=done, total=total))
-            write_labels(labels, vol, target, overwrite=args.overwrite)
-            results.append({"input": src, "output": str(target), "shape": list(vol.data.shape),
-                            "spacing_mm": [round(float(v), 4) for v in vol.spacing],
-                            "seconds": time.perf_counter() - t0, "volumes_ml": class_volumes(labels, vol, p.labels)})
+        if getattr(args, "preview", None) and len(args.inputs) > 1:
+            raise UsageError("--preview names one picture; give one input at a time")
+        fmt = output_format(args)
+        results = [_predict_volume(p, args, ui, src, fmt) for src in args.inputs]
         if args.json:
             print(json.dumps({"runtime": p.describe(), "results": results}, indent=2))
             return 0
         for r in results:
-            ui.out.print(f"{r['input']} -> {r['output']} ({r['seconds']:.1f} s)")
+            ui.out.print(f"{r['input']} -> {r['output']} ({r['seconds']:.1f} s)"
+                         + (f", preview {r['preview']}" if r.get("preview") else ""))
             ui.table("structures found", ["label", "volume ml"], sorted(r["volumes_ml"].items(), key=lambda kv: -kv[1]))
         return 0
+
+
+OUTPUT_FORMATS = {"nifti": ("_seg.nii.gz", (".nii.gz", ".nii")), "dicom-seg": ("_seg.dcm", (".dcm",))}
+
+
+def output_format(args) -> str:
+    """--format, else from the -o suffix: .dcm is a DICOM-SEG, anything else NIfTI."""
+    fmt = getattr(args, "volume_format", None)
+    if fmt:
+        return fmt
+    return "dicom-seg" if args.output and str(args.output).endswith(".dcm") else "nifti"
+
+
+def _predict_volume(p, args, ui, src, fmt: str) -> dict:
+    """One volume: outputs checked and the input read (and, for a SEG, its series checked)
+    before the segmentation runs, so a refusal costs seconds, not minutes."""
+    from rich.progress import Progress
+
+    from ..io.volume import check_output, read_volume, write_labels
+    from ..runtime.volume import class_volumes
+    suffix, suffixes = OUTPUT_FORMATS[fmt]
+    if fmt == "dicom-seg" and not Path(src).is_dir():
+        raise UsageError(f"{src} is not a DICOM series folder: a DICOM-SEG must reference the DICOM images it "
+                         "segments", "give the series folder, or write NIfTI (-o seg.nii.gz, --format nifti)")
+    name = Path(src).name.removesuffix(".gz").removesuffix(".nii")
+    target = Path(args.output) if args.output else Path(src).parent / f"{name}{suffix}"
+    what = "a DICOM-SEG is written as one .dcm file" if fmt == "dicom-seg" else "a label map is written as NIfTI"
+    check_output(target, args.overwrite, suffixes, what)
+    preview = getattr(args, "preview", None)
+    if preview:
+        check_output(preview, args.overwrite, (".png",), "a preview is written as PNG")
+    t0 = time.perf_counter()
+    vol = read_volume(src)
+    if fmt == "dicom-seg":
+        from ..io.dicom_seg import check_seg_source
+        check_seg_source(vol)
+    with Progress(console=ui.err, transient=True) as bar:
+        task = bar.add_task(f"segmenting {Path(src).name}", total=None)
+        labels, vol = p.segment(vol, tta=args.tta, batch_size=args.batch_size or 2,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if fmt == "dicom-seg":
+        p.write_dicom_seg(labels, vol, target, overwrite=args.overwrite)
+    else:
+        write_labels(labels, vol, target, overwrite=args.overwrite)
+    if preview:
+        p.write_preview(labels, vol, preview, overwrite=args.overwrite)
+    return {"input": str(src), "output": str(target), "format": fmt, "preview": str(preview) if preview else None,
+            "shape": list(vol.data.shape), "spacing_mm": [round(float(v), 4) for v in vol.spacing],
+            "seconds": time.perf_counter() - t0, "volumes_ml": class_volumes(labels, vol, p.labels)}
 
 
 def _logits(out):

@@ -11,7 +11,7 @@ from ..errors import CheckpointError, UsageError
 from ..spec import ModelSpec
 
 FAMILY_MODULES = ("brow", "pathoduet", "deblurring", "convmae", "endofm", "stunet", "misfm", "pctnet", "pulse",
-                  "prime")
+                  "prime", "sam", "medlsam")
 ALIASES = {"pulse": "pulse-7b"}  # `omedge export pulse` detects 7b / 20b from the folder
 
 
@@ -48,6 +48,7 @@ def _check_variant(spec, variant):
 
 def _match(spec: ModelSpec, sd: dict, options: dict, variant: str):
     import torch
+
     from .checkpoint import compare
     with torch.device("meta"):
         model_sd = spec.build(variant, **options).state_dict()
@@ -75,8 +76,8 @@ def load(spec: ModelSpec, weights: str | Path, variant: str | None = None, trust
     """Load an official checkpoint strictly. Returns (module, variant, options).
     build_options: choices of the deployment that the file does not fix (e.g. an
     Endo-FM clip length); they must not change which parameters exist."""
-    from .checkpoint import describe_mismatch, read_checkpoint
-    raw = read_checkpoint(weights, trust=trust)
+    from .checkpoint import describe_mismatch
+    raw, build_options = _read_weights(spec, weights, trust, build_options)
     if variant is not None:
         _check_variant(spec, variant)
     try:
@@ -98,6 +99,17 @@ def load(spec: ModelSpec, weights: str | Path, variant: str | None = None, trust
                                   f"use --variant {other[0]}")
     raise _wrong_model(spec, raw, f"{Path(weights).name} does not match {spec.id} "
                                   f"(variant {tried[0]}): {detail}")
+
+
+def _read_weights(spec, weights, trust: bool, build_options: dict) -> tuple[dict, dict]:
+    """The family module's `read_weights(path, trust, options) -> (raw, options left)` when
+    it has one (MedLSAM: two files, --weights + --sam), else the one file, safely read."""
+    from .checkpoint import read_checkpoint
+    family = importlib.import_module(spec.build.__module__) if spec.build is not None else None
+    reader = getattr(family, "read_weights", None)
+    if reader is not None:
+        return reader(weights, trust, build_options)
+    return read_checkpoint(weights, trust=trust), build_options
 
 
 def _wrong_model(spec, raw, message) -> CheckpointError:

@@ -65,6 +65,10 @@ class Predictor:
                 raise InputError(f"bundle has no artifact '{artifact}'", f"it has: {names}")
         candidates, self.skipped = plan(artifacts, device, backend)
         self.backend, self.artifact = self._open_first(candidates, device, backend, threads, mode)
+        self.graphs = {self.role: (self.backend, self.artifact)}
+        for role in self.manifest.roles():
+            if role != self.role:
+                self.graphs[role] = self._open_role(role, device, backend, threads, mode)
         self.labels = self.manifest.labels
         self.input_name = self.manifest.inputs[0]["name"]
 
@@ -91,6 +95,28 @@ class Predictor:
         raise BackendUnavailableError(
             f"nothing in {self.path.name} can run here with device={device}, backend={backend}",
             "; ".join(self.skipped) or "the bundle lists no artifacts")
+
+    def _open_role(self, role, device, backend, threads, mode):
+        """Another graph of a multi-graph bundle (SAM's decoder): its verified artifacts, the
+        one exported beside the first graph's artifact first (its parity was measured fed by
+        that one), on the first graph's backend and device when it can run there."""
+        from .plan import plan
+        arts = sorted(self.manifest.artifacts_for(role), key=lambda a: a.format != self.artifact.format)
+        arts.sort(key=lambda a: a.name != self.artifact.name)
+        first = self.backend.describe()
+        candidates, skipped = plan(arts, device, backend)
+        candidates.sort(key=lambda c: (c[1] != first.get("backend"), c[2] != first.get("device")))
+        self.skipped += [f"{role}: {s}" for s in skipped]
+        return self._open_first(candidates, device, backend, threads, mode)
+
+    def run_graph(self, role: str, feeds: dict) -> dict:
+        """One run of one graph of the bundle, feeds cast to the declared dtypes."""
+        if role not in self.graphs:
+            raise InputError(f"bundle has no graph '{role}'", f"it has: {', '.join(self.graphs)}")
+        dtypes = {i["name"]: i["dtype"] for i in self.manifest.inputs}
+        backend, art = self.graphs[role]
+        out = backend.run({k: np.asarray(v).astype(dtypes.get(k, "float32"), copy=False) for k, v in feeds.items()})
+        return named(out, art.outputs)
 
     def constant(self, name: str) -> np.ndarray:
         """A stored constant (e.g. class-text embeddings); its hash was checked at open."""
@@ -125,7 +151,17 @@ class Predictor:
                 "kind": m.kind, "weights": m.weights["source"], "artifact": self.artifact.name,
                 "format": self.artifact.format, "precision": self.artifact.precision,
                 **self.backend.describe(), "parity": self.artifact.parity.get("passed"),
-                "signature": getattr(m, "signature", None), "skipped": self.skipped}
+                "signature": getattr(m, "signature", None), "skipped": self.skipped,
+                **({"graphs": {role: {"artifact": art.name, **be.describe()}
+                               for role, (be, art) in self.graphs.items()}} if len(self.graphs) > 1 else {})}
+
+
+def named(outputs: dict, declared) -> dict:
+    """Outputs under their declared names. OpenVINO reading an ONNX file may name an output
+    tensor after a node it fused into it (a LayerNorm's Div); the order is the graph's."""
+    if not declared or set(outputs) == set(declared) or len(outputs) != len(declared):
+        return outputs
+    return dict(zip(declared, outputs.values()))
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -103,23 +103,35 @@ def window_starts(size: int, patch: int, step: float) -> list[int]:
     return [round(i * actual) for i in range(n)]
 
 
+def _windows(x: np.ndarray, patch, step, sigma_scale: float):
+    """(padded volume, window starts in depth-major order, Gaussian importance)."""
+    patch = tuple(int(p) for p in patch)
+    pad = [(0, max(0, p - s)) for p, s in zip(patch, x.shape[1:])]  # smaller than a patch: pad
+    xp = np.pad(x, [(0, 0)] + pad, mode="constant", constant_values=0) if any(p[1] for p in pad) else x
+    steps = step if isinstance(step, (list, tuple)) else [step] * 3
+    starts = [window_starts(s, p, st) for s, p, st in zip(xp.shape[1:], patch, steps)]
+    windows = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    return xp, patch, windows, gaussian_importance(patch, sigma_scale)
+
+
+def _batches(xp, patch, windows, run, batch_size, mirror, progress):
+    """(windows, logits) per batch of `batch_size` windows, in order."""
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i:i + batch_size]
+        batch = np.stack([xp[:, a:a + patch[0], b:b + patch[1], c:c + patch[2]] for a, b, c in chunk])
+        yield chunk, _run_tta(run, batch, mirror)
+        if progress:
+            progress(min(i + batch_size, len(windows)), len(windows))
+
+
 def sliding_window(x: np.ndarray, run: Callable[[np.ndarray], np.ndarray], patch, step, batch_size: int = 2,
                    mirror: bool = False, sigma_scale: float = 0.125, progress=None) -> np.ndarray:
     """Logits (K, D, H, W) of a (C, D, H, W) volume. Windows go to `run` in batches of
     `batch_size`, so peak memory is the accumulators plus one batch."""
-    patch = tuple(int(p) for p in patch)
-    pad = [(0, max(0, p - s)) for p, s in zip(patch, x.shape[1:])]  # smaller than a patch: pad
-    xp = np.pad(x, [(0, 0)] + pad, mode="constant", constant_values=0) if any(p[1] for p in pad) else x
+    xp, patch, windows, g = _windows(x, patch, step, sigma_scale)
     shape = xp.shape[1:]
-    steps = step if isinstance(step, (list, tuple)) else [step] * 3
-    starts = [window_starts(s, p, st) for s, p, st in zip(shape, patch, steps)]
-    windows = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
-    g = gaussian_importance(patch, sigma_scale)
     logits, weight = None, np.zeros(shape, np.float32)
-    for i in range(0, len(windows), batch_size):
-        chunk = windows[i:i + batch_size]
-        batch = np.stack([xp[:, a:a + patch[0], b:b + patch[1], c:c + patch[2]] for a, b, c in chunk])
-        out = _run_tta(run, batch, mirror)
+    for chunk, out in _batches(xp, patch, windows, run, batch_size, mirror, progress):
         if logits is None:
             logits = np.zeros((out.shape[1], *shape), np.float32)
         for (a, b, c), o in zip(chunk, out):
@@ -127,10 +139,43 @@ def sliding_window(x: np.ndarray, run: Callable[[np.ndarray], np.ndarray], patch
             np.multiply(o, g, out=o)  # in place: a 105-class window is ~0.9 GB in fp32
             logits[(slice(None), *sl)] += o
             weight[sl] += g
-        if progress:
-            progress(min(i + batch_size, len(windows)), len(windows))
     logits /= weight
     return logits[(slice(None), *(slice(0, s) for s in x.shape[1:]))]
+
+
+def sliding_argmax(x: np.ndarray, run: Callable[[np.ndarray], np.ndarray], patch, step, batch_size: int = 2,
+                   mirror: bool = False, sigma_scale: float = 0.125, progress=None) -> np.ndarray:
+    """Labels (D, H, W): exactly class_argmax(sliding_window(...)), the same sums in the
+    same order, but windows run in depth order, so the slices before the next window's
+    start are final: they are argmaxed and their rows reused. The accumulator holds one
+    patch depth of class logits instead of the whole volume's (for a 105-class STU-Net
+    that accumulator was most of the peak memory)."""
+    xp, patch, windows, g = _windows(x, patch, step, sigma_scale)
+    depth, rows = xp.shape[1], patch[0]
+    labels = np.empty(xp.shape[1:], np.uint16)
+    acc, weight, base = None, np.zeros((rows, *xp.shape[2:]), np.float32), 0
+
+    def finalise(upto: int) -> None:  # rows [base, upto) are complete
+        n = upto - base
+        for z in range(0, n, 8):
+            k = min(8, n - z)
+            labels[base + z:base + z + k] = (acc[:, z:z + k] / weight[z:z + k]).argmax(0)
+        keep = max(0, rows - n)
+        acc[:, :keep], weight[:keep] = acc[:, n:n + keep], weight[n:n + keep]
+        acc[:, keep:], weight[keep:] = 0, 0
+
+    for chunk, out in _batches(xp, patch, windows, run, batch_size, mirror, progress):
+        if acc is None:
+            acc = np.zeros((out.shape[1], rows, *xp.shape[2:]), np.float32)
+        for (a, b, c), o in zip(chunk, out):
+            if a > base:
+                finalise(a)
+                base = a
+            np.multiply(o, g, out=o)
+            acc[:, a - base:a - base + rows, b:b + patch[1], c:c + patch[2]] += o
+            weight[a - base:a - base + rows, b:b + patch[1], c:c + patch[2]] += g
+    finalise(depth)
+    return labels[tuple(slice(0, s) for s in x.shape[1:])]
 
 
 def _run_tta(run, batch, mirror: bool) -> np.ndarray:
@@ -149,9 +194,9 @@ def segment(vol: Volume, run: Callable[[np.ndarray], np.ndarray], pre: dict, bat
             mirror: bool = False, progress=None) -> np.ndarray:
     """Label map on the input grid (NIfTI order) for `vol`."""
     x, _ = to_model_space(vol, pre)
-    logits = sliding_window(x, run, pre["patch_size"], pre.get("step", 0.5), batch_size, mirror,
+    labels = sliding_argmax(x, run, pre["patch_size"], pre.get("step", 0.5), batch_size, mirror,
                             pre.get("gaussian_sigma_scale", 0.125), progress)
-    return back_to_input(class_argmax(logits), vol)
+    return back_to_input(labels, vol)
 
 
 def class_argmax(logits: np.ndarray, slab: int = 8) -> np.ndarray:

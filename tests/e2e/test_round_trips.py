@@ -34,6 +34,29 @@ def test_every_kind_has_a_round_trip_here():
     assert set(KINDS) <= tested, set(KINDS) - tested
 
 
+def test_promptable_segmentation(tmp_path):
+    b = omedge.export("sam", variant="tiny", random_weights=True, formats=["onnx"], verify_size=3, out=tmp_path / "sam")
+    out = run_side(b, "emb = p.embed(np.full((90, 150, 3), 120, np.uint8))\n"
+                      "result = [list(p.segment(emb, boxes=[[10, 10, 80, 60]])[0].shape) for _ in range(3)]")
+    assert out["result"] == [[1, 90, 150]] * 3 and out["describe"]["kind"] == "promptable-segmentation"
+    assert set(out["describe"]["graphs"]) == {"encoder", "decoder"}
+
+
+def test_volume_prompted(tmp_path):
+    """MedLSAM: MedLAM localiser + SAM graphs in one bundle, localise-then-segment on a CT."""
+    b = omedge.export("medlsam", variant="tiny", random_weights=True, formats=["onnx"], verify_size=2,
+                      out=tmp_path / "medlsam")
+    out = run_side(b, "from pathlib import Path\n"
+                      "from omedge.medlsam_phantom import phantom, save, support_folder\n"
+                      "d = Path(sys.argv[2])\n"
+                      "vol, _ = phantom(shape=(40, 36, 28), seed=5)\n"
+                      "q = save(d / 'q.nii.gz', vol.data, vol.affine)\n"
+                      "r = p.segment_volume(q, support_folder(d / 'support'), classes=[1])\n"
+                      "result = [list(r.labels.shape), sorted(r.boxes), r.slices > 0]", tmp_path)
+    assert out["result"] == [[40, 36, 28], [1], True] and out["describe"]["kind"] == "volume-prompted"
+    assert set(out["describe"]["graphs"]) == {"localiser", "encoder", "decoder"}
+
+
 def test_image(tmp_path):
     b = omedge.export("brow", variant="tiny", random_weights=True, out=tmp_path / "brow")
     out = run_side(b, "result = p.predict(np.full((256, 256, 3), 120, np.uint8)).shape")

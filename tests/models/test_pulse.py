@@ -231,9 +231,11 @@ def test_cli_export_predict_chat(tmp_path, bloom_dir):
 
 def test_devices_warns_about_a_native_amx_build(monkeypatch):
     import omedge.runtime.backends.llama as backend
-    monkeypatch.setattr(backend, "system_info", lambda: "CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 1 | OPENMP = 1")
-    assert "SIGILL" in backend.amx_risk() and "GGML_NATIVE=OFF" in backend.amx_risk()
-    monkeypatch.setattr(backend, "system_info", lambda: "CPU : SSE3 = 1 | AVX2 = 1 | OPENMP = 1")
-    assert backend.amx_risk() is None
+    with monkeypatch.context() as m:
+        m.setattr(backend, "cpu_variants", lambda: [])  # a static (native) build, whatever is installed
+        m.setattr(backend, "system_info", lambda: "CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 1 | OPENMP = 1")
+        assert "SIGILL" in backend.amx_risk() and "GGML_NATIVE=OFF" in backend.amx_risk()
+        m.setattr(backend, "system_info", lambda: "CPU : SSE3 = 1 | AVX2 = 1 | OPENMP = 1")
+        assert backend.amx_risk() is None
     real = backend.LlamaCppBackend.probe()  # the installed build, read for real
     assert real["devices"]["cpu"] is None and real["installed"]

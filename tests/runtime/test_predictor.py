@@ -154,6 +154,21 @@ def test_throughput_mode_gives_the_same_answers(brow_bundle, tiles):
     np.testing.assert_allclose(p.predict(tiles[:6], batch_size=1), lat, atol=1e-4)
 
 
+def test_throughput_mode_spreads_one_batch_over_every_stream(brow_bundle, tiles):
+    """A batch of 8 in throughput mode used to run as one request on one stream's share
+    of the cores (slower than latency mode): it is split across the streams, in order."""
+    from omedge.runtime.backends.ov import split_batches
+    lat = omedge.load(brow_bundle, backend="openvino").predict(tiles[:8], batch_size=8)
+    p = omedge.load(brow_bundle, backend="openvino", mode="throughput", threads=2)
+    streams = p.describe()["streams"]
+    x = p.prepare(tiles[:8])
+    parts = p.backend.run_many([{p.input_name: x}])
+    assert len(parts) == min(streams, 8) and sum(len(next(iter(q.values()))) for q in parts) == 8
+    np.testing.assert_allclose(p.predict(tiles[:8], batch_size=8), lat, atol=1e-4)
+    pieces = split_batches([{"a": np.arange(5)}, {"a": np.arange(5, 7)}], 3)
+    assert np.concatenate([q["a"] for q in pieces]).tolist() == list(range(7))
+
+
 def test_bf16_refused_where_the_cpu_would_emulate_it(tmp_path, ckpt_dir):
     from omedge.bench import native_bf16
     b = omedge.export("brow", ckpt_dir / "brow_tiny.pth", formats=["openvino"], precision="bf16",

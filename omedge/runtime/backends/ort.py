@@ -56,6 +56,12 @@ class OnnxRuntimeBackend(Backend):
         so.log_severity_level = 3
         if options.get("threads"):
             so.intra_op_num_threads = int(options["threads"])
+        self._profile_dir = None
+        if options.get("profile"):  # per-node kernel times, for `omedge bench --profile`
+            import tempfile
+            self._profile_dir = tempfile.mkdtemp(prefix="omedge-ort-profile-")
+            so.enable_profiling = True
+            so.profile_file_prefix = f"{self._profile_dir}/ort"
         provider = PROVIDERS[device]
         providers = [provider] if device == "cpu" else [
             (provider, {"device_type": device.upper()}) if provider.startswith("OpenVINO") else provider,
@@ -80,6 +86,36 @@ class OnnxRuntimeBackend(Backend):
         except ORT_ERRORS as e:
             raise run_error("onnxruntime", e, isinstance(e, _state.InvalidArgument)) from None
         return dict(zip(self.outputs, outs))
+
+    def profile(self, skip_runs: int = 1) -> list[dict]:
+        """Kernel time per graph node over the runs so far, without the first `skip_runs`
+        (warm-up), for a session opened with profile=True: [{node, op, exec, ms, calls}].
+        Ends onnxruntime's profiling and removes its trace."""
+        import json
+        import shutil
+        if self._profile_dir is None:
+            return []
+        trace = self.session.end_profiling()
+        try:
+            with open(trace) as f:
+                events = json.load(f)
+        finally:
+            shutil.rmtree(self._profile_dir, ignore_errors=True)
+            self._profile_dir = None
+        runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+        after = runs[skip_runs - 1][1] if 0 < skip_runs <= len(runs) - 1 else -1
+        rows: dict = {}
+        for ev in events:
+            name = ev.get("name", "")
+            if ev.get("cat") != "Node" or not name.endswith("_kernel_time") or ev.get("ts", 0) < after:
+                continue
+            args = ev.get("args", {})
+            row = rows.setdefault(name[:-len("_kernel_time")], {"op": args.get("op_name", "?"),
+                                                                 "exec": args.get("provider", ""), "ms": 0.0,
+                                                                 "calls": 0})
+            row["ms"] += ev.get("dur", 0) / 1000.0
+            row["calls"] += 1
+        return [{"node": k, **v} for k, v in rows.items()]
 
     def describe(self) -> dict:
         so = self.session.get_session_options()

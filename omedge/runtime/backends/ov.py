@@ -34,6 +34,18 @@ def precision_name(value) -> str:
     return {"<Type: 'float32'>": "f32", "<Type: 'bfloat16'>": "bf16", "<Type: 'float16'>": "f16"}.get(text, text)
 
 
+def split_batches(chunks: list[dict], parts: int) -> list[dict]:
+    """Chunks cut along axis 0 into about `parts` pieces, in order (so the caller's
+    concatenation of the results is unchanged)."""
+    total = sum(len(next(iter(c.values()))) for c in chunks)
+    size = max(1, -(-total // parts))
+    out = []
+    for c in chunks:
+        n = len(next(iter(c.values())))
+        out += [{k: v[i:i + size] for k, v in c.items()} for i in range(0, n, size)]
+    return out
+
+
 class OpenVINOBackend(Backend):
     name = "openvino"
 
@@ -71,6 +83,9 @@ class OpenVINOBackend(Backend):
             config["INFERENCE_PRECISION_HINT"] = hint
         if options.get("threads") and device == "cpu":
             config["INFERENCE_NUM_THREADS"] = int(options["threads"])
+        self._profile = [] if options.get("profile") else None  # one {node: row} per run
+        if self._profile is not None:  # per-node times, for `omedge bench --profile`
+            config["PERF_COUNT"] = True
         self.device = device
         try:
             self.compiled = core().compile_model(model, DEVICES[device], config)
@@ -81,6 +96,7 @@ class OpenVINOBackend(Backend):
         self.inputs = [i.any_name for i in self.compiled.inputs]
         self.outputs = [o.any_name for o in self.compiled.outputs]
         self._local = threading.local()
+        self._queue, self._queue_lock = None, threading.Lock()
 
     def run(self, inputs: dict) -> dict:
         request = getattr(self._local, "request", None)
@@ -90,6 +106,8 @@ class OpenVINOBackend(Backend):
             request.infer({k: np.ascontiguousarray(v) for k, v in inputs.items()})
         except RuntimeError as e:  # OpenVINO reports a bad input and a failed kernel alike
             raise run_error("openvino", e, bad_input=not self._fits(inputs)) from None
+        if self._profile is not None:
+            self._add_profile(request.profiling_info)
         return {name: request.get_tensor(out).data.copy()
                 for name, out in zip(self.outputs, self.compiled.outputs)}
 
@@ -100,14 +118,62 @@ class OpenVINOBackend(Backend):
                    for k, v in inputs.items())
 
     def run_many(self, chunks: list[dict]) -> list[dict]:
-        if self.mode != "throughput" or len(chunks) == 1:
+        """Several requests in flight, one per stream, in order. In throughput mode each
+        stream owns only its share of the cores, so a batch smaller than the stream count
+        would leave cores idle (throughput slower than latency): it is split first."""
+        if self.mode != "throughput":
             return [self.run(c) for c in chunks]
-        # one thread per stream, each with its own infer request (OpenVINO releases the
-        # GIL while inferring); the pool is joined before returning
-        from concurrent.futures import ThreadPoolExecutor
-        streams = int(self.compiled.get_property("NUM_STREAMS"))
-        with ThreadPoolExecutor(max_workers=max(1, streams)) as pool:
-            return list(pool.map(self.run, chunks))
+        streams = max(1, int(self.compiled.get_property("NUM_STREAMS")))
+        if len(chunks) < streams and self._batch_is_dynamic():
+            chunks = split_batches(chunks, streams)
+        if len(chunks) == 1:
+            return [self.run(chunks[0])]
+        return self._run_async(chunks, streams)
+
+    def _run_async(self, chunks: list[dict], streams: int) -> list[dict]:
+        """OpenVINO's own queue of `streams` infer requests, kept for the backend's life:
+        no Python threads (a fresh thread pool per call, each thread making its own infer
+        request while others ran, was seen to deadlock under load)."""
+        with self._queue_lock:
+            if self._queue is None:
+                self._queue = ov.AsyncInferQueue(self.compiled, streams)
+            results: list = [None] * len(chunks)
+
+            def done(request, i):
+                results[i] = {name: request.get_tensor(out).data.copy()
+                              for name, out in zip(self.outputs, self.compiled.outputs)}
+                if self._profile is not None:
+                    self._add_profile(request.profiling_info)
+            self._queue.set_callback(done)
+            try:
+                for i, c in enumerate(chunks):
+                    self._queue.start_async({k: np.ascontiguousarray(v) for k, v in c.items()}, i)
+                self._queue.wait_all()
+            except RuntimeError as e:
+                raise run_error("openvino", e, bad_input=not all(self._fits(c) for c in chunks)) from None
+            if any(r is None for r in results):
+                raise run_error("openvino", RuntimeError("an infer request of the queue returned no result"))
+            return results
+
+    def _batch_is_dynamic(self) -> bool:
+        return all(p.get_partial_shape().rank.is_static and p.get_partial_shape()[0].is_dynamic
+                   for p in self.compiled.inputs)
+
+    def _add_profile(self, infos) -> None:
+        """OpenVINO reports the last inference only: keep each run's times per node, with
+        the kernel that ran (e.g. brgemm_avx512_amx_I8: the precision and ISA really used)."""
+        self._profile.append({i.node_name: (i.node_type, i.exec_type, i.real_time.total_seconds() * 1000.0)
+                              for i in infos if i.status == ov.ProfilingInfo.Status.EXECUTED})
+
+    def profile(self, skip_runs: int = 1) -> list[dict]:
+        """Time per executed node over the runs so far, without the first `skip_runs`."""
+        rows: dict = {}
+        for run in (self._profile or [])[skip_runs:]:
+            for node, (op, kernel, ms) in run.items():
+                row = rows.setdefault(node, {"op": op, "exec": kernel, "ms": 0.0, "calls": 0})
+                row["ms"] += ms
+                row["calls"] += 1
+        return [{"node": k, **v} for k, v in rows.items()]
 
     def describe(self) -> dict:
         info = {"backend": "openvino", "version": ov.get_version(), "device": self.device, "mode": self.mode,

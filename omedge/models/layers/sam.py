@@ -1,0 +1,273 @@
+"""Segment Anything layers with the parameter names of facebookresearch/segment-anything.
+
+Written from the published architecture so that `sam_vit_b_01ec64.pth` and
+`medsam_vit_b.pth` load strictly with no renaming. Two things differ from the research
+code on purpose, both for export: the decomposed relative positions are a gather of
+fixed indices + einsum (static at the export size), and the prompt encoder takes
+points and labels as tensors, a box being two points labelled 2 and 3 and padding a
+point labelled -1 (as the official ONNX export does), so one decoder graph serves
+boxes, points and both with a dynamic number of points.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of an NCHW map (eps 1e-6, as SAM's neck uses)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels)), eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        return self.weight[:, None, None] * ((x - u) / torch.sqrt(s + self.eps)) + self.bias[:, None, None]
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, dim: int, hidden: int, act=nn.GELU):
+        super().__init__()
+        self.lin1, self.lin2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), act()
+
+    def forward(self, x):
+        return self.lin2(self.act(self.lin1(x)))
+
+
+def _rel_index(q: int, k: int) -> torch.Tensor:
+    """Index into a [2*max(q,k)-1, C] table: relative offset of each (query, key) pair."""
+    qc = torch.arange(q)[:, None] * max(k / q, 1.0)
+    kc = torch.arange(k)[None, :] * max(q / k, 1.0)
+    return ((qc - kc) + (k - 1) * max(q / k, 1.0)).long()
+
+
+class EncoderAttention(nn.Module):
+    """Multi-head attention with decomposed relative positions over an (H, W) grid."""
+
+    def __init__(self, dim: int, heads: int, grid: tuple[int, int]):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.randn(2 * grid[0] - 1, dim // heads) * 0.02)
+        self.rel_pos_w = nn.Parameter(torch.randn(2 * grid[1] - 1, dim // heads) * 0.02)
+
+    def forward(self, x):
+        b, h, w, _ = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * self.heads,
+                                                                                          h * w, -1)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        rh, rw = self.rel_pos_h[_rel_index(h, h)], self.rel_pos_w[_rel_index(w, w)]
+        r_q = q.reshape(b * self.heads, h, w, -1)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+        attn = (attn.view(-1, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(-1, h * w, h * w)
+        x = (attn.softmax(dim=-1) @ v).view(b, self.heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        return self.proj(x)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm ViT block; windowed (window > 0, zero-padded to a multiple) or global."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, window: int, grid: tuple[int, int]):
+        super().__init__()
+        self.window = window
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = EncoderAttention(dim, heads, (window, window) if window else grid)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        shortcut, x = x, self.norm1(x)
+        if self.window:
+            b, h, w, c = x.shape
+            ws = self.window
+            ph, pw = (ws - h % ws) % ws, (ws - w % ws) % ws
+            x = F.pad(x, (0, 0, 0, pw, 0, ph))
+            hp, wp = h + ph, w + pw
+            x = x.view(b, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, c)
+            x = self.attn(x)
+            x = x.view(b, hp // ws, wp // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+            x = x[:, :h, :w, :]
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class ImageEncoderViT(nn.Module):
+    def __init__(self, img_size=1024, patch=16, dim=768, depth=12, heads=12, mlp_ratio=4.0, out_chans=256,
+                 window=14, global_blocks=(2, 5, 8, 11)):
+        super().__init__()
+        grid = (img_size // patch, img_size // patch)
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+        self.pos_embed = nn.Parameter(torch.randn(1, *grid, dim) * 0.02)
+        self.blocks = nn.ModuleList(EncoderBlock(dim, heads, mlp_ratio, 0 if i in global_blocks else window, grid)
+                                    for i in range(depth))
+        self.neck = nn.Sequential(nn.Conv2d(dim, out_chans, 1, bias=False), LayerNorm2d(out_chans),
+                                  nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans))
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x).permute(0, 2, 3, 1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.neck(x.permute(0, 3, 1, 2))
+
+
+class PositionEmbeddingRandom(nn.Module):
+    """Random Fourier features; the Gaussian matrix is a persistent buffer of the file."""
+
+    def __init__(self, num_feats: int):
+        super().__init__()
+        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_feats))
+
+    def encode(self, coords):  # coords in [0, 1]
+        coords = (2 * coords - 1) @ self.positional_encoding_gaussian_matrix
+        coords = 2 * math.pi * coords
+        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+
+    def grid(self, h: int, w: int):
+        y = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+        x = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+        xy = torch.stack([x[None, :].expand(h, w), y[:, None].expand(h, w)], dim=-1)
+        return self.encode(xy).permute(2, 0, 1)
+
+
+class PromptEncoder(nn.Module):
+    """Sparse prompt embeddings for labelled points (0 negative, 1 positive, 2/3 box
+    corners, -1 padding) and the dense 'no mask' embedding. mask_downscaling is loaded
+    (strict) but mask prompts are not exported."""
+
+    def __init__(self, dim=256, grid=64, img_size=1024, mask_in_chans=16):
+        super().__init__()
+        self.grid, self.img_size = grid, img_size
+        self.pe_layer = PositionEmbeddingRandom(dim // 2)
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, dim) for _ in range(4))
+        self.not_a_point_embed = nn.Embedding(1, dim)
+        self.mask_downscaling = nn.Sequential(
+            nn.Conv2d(1, mask_in_chans // 4, 2, stride=2), LayerNorm2d(mask_in_chans // 4), nn.GELU(),
+            nn.Conv2d(mask_in_chans // 4, mask_in_chans, 2, stride=2), LayerNorm2d(mask_in_chans), nn.GELU(),
+            nn.Conv2d(mask_in_chans, dim, 1))
+        self.no_mask_embed = nn.Embedding(1, dim)
+
+    def embed_points(self, coords, labels):
+        """coords (B, N, 2) in the padded 1024 frame (x, y); labels (B, N) float."""
+        emb = self.pe_layer.encode((coords + 0.5) / self.img_size)
+        lab = labels[..., None]
+        emb = emb * (lab != -1) + self.not_a_point_embed.weight * (lab == -1)
+        for i, table in enumerate(self.point_embeddings):
+            emb = emb + table.weight * (lab == i)
+        return emb
+
+    def dense_pe(self):
+        return self.pe_layer.grid(self.grid, self.grid)[None]
+
+
+class Attention(nn.Module):
+    """Decoder attention with an optional downscaled internal width."""
+
+    def __init__(self, dim: int, heads: int, downsample: int = 1):
+        super().__init__()
+        inner = dim // downsample
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.out_proj = nn.Linear(inner, dim)
+
+    def _split(self, x):
+        b, n, c = x.shape
+        return x.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+    def forward(self, q, k, v):
+        q, k, v = self._split(self.q_proj(q)), self._split(self.k_proj(k)), self._split(self.v_proj(v))
+        attn = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        out = attn.softmax(dim=-1) @ v
+        b, h, n, c = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
+
+
+class TwoWayBlock(nn.Module):
+    def __init__(self, dim, heads, mlp_dim, downsample=2, skip_first_pe=False):
+        super().__init__()
+        self.skip_first_pe = skip_first_pe
+        self.self_attn = Attention(dim, heads)
+        self.cross_attn_token_to_image = Attention(dim, heads, downsample)
+        self.cross_attn_image_to_token = Attention(dim, heads, downsample)
+        self.mlp = MLPBlock(dim, mlp_dim, nn.ReLU)
+        self.norm1, self.norm2, self.norm3, self.norm4 = (nn.LayerNorm(dim) for _ in range(4))
+
+    def forward(self, queries, keys, query_pe, key_pe):
+        if self.skip_first_pe:
+            queries = self.self_attn(queries, queries, queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q, q, queries)
+        queries = self.norm1(queries)
+        q, k = queries + query_pe, keys + key_pe
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        queries = self.norm3(queries + self.mlp(queries))
+        q, k = queries + query_pe, keys + key_pe
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        return queries, keys
+
+
+class TwoWayTransformer(nn.Module):
+    def __init__(self, depth=2, dim=256, heads=8, mlp_dim=2048):
+        super().__init__()
+        self.layers = nn.ModuleList(TwoWayBlock(dim, heads, mlp_dim, 2, i == 0) for i in range(depth))
+        self.final_attn_token_to_image = Attention(dim, heads, 2)
+        self.norm_final_attn = nn.LayerNorm(dim)
+
+    def forward(self, image, image_pe, tokens):
+        keys, key_pe = image.flatten(2).permute(0, 2, 1), image_pe.flatten(2).permute(0, 2, 1)
+        queries = tokens
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, tokens, key_pe)
+        q, k = queries + tokens, keys + key_pe
+        return self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys)), keys
+
+
+class MLP(nn.Module):
+    def __init__(self, dim_in, hidden, dim_out, n_layers):
+        super().__init__()
+        sizes = [hidden] * (n_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip([dim_in] + sizes, sizes + [dim_out]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class MaskDecoder(nn.Module):
+    """Two-way transformer over [IoU token, 4 mask tokens, prompt tokens] and the image."""
+
+    def __init__(self, dim=256, heads=8, mlp_dim=2048, depth=2, n_masks=4):
+        super().__init__()
+        self.n_masks = n_masks
+        self.transformer = TwoWayTransformer(depth, dim, heads, mlp_dim)
+        self.iou_token, self.mask_tokens = nn.Embedding(1, dim), nn.Embedding(n_masks, dim)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim // 4, 2, stride=2), LayerNorm2d(dim // 4), nn.GELU(),
+            nn.ConvTranspose2d(dim // 4, dim // 8, 2, stride=2), nn.GELU())
+        self.output_hypernetworks_mlps = nn.ModuleList(MLP(dim, dim, dim // 8, 3) for _ in range(n_masks))
+        self.iou_prediction_head = MLP(dim, dim, n_masks, 3)
+
+    def forward(self, image, image_pe, sparse, dense):
+        """All 4 masks and scores; the run side picks 0 (single) or 1..3 (multimask)."""
+        b = sparse.shape[0]
+        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])[None].expand(b, -1, -1)
+        tokens = torch.cat([out_tokens, sparse], dim=1)
+        src = image.expand(b, -1, -1, -1) + dense
+        pos = image_pe.expand(b, -1, -1, -1)
+        _, c, h, w = src.shape
+        hs, src = self.transformer(src, pos, tokens)
+        up = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
+        _, cu, hu, wu = up.shape
+        masks = (hyper @ up.reshape(b, cu, hu * wu)).reshape(b, self.n_masks, hu, wu)
+        return masks, self.iou_prediction_head(hs[:, 0])
