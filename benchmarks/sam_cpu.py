@@ -5,7 +5,6 @@ against torch, and the per-prompt decoder latency on a cached embedding (target 
 p50); the encoder speed-up of the best bundle vs torch (target >= 4x). Each variant runs
 in its own process. INT8 is calibrated on synthetic images (--calib DIR for real ones).
 """
-import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -15,6 +14,7 @@ from omedge.bench import add_ratios, bench_bundle, bench_torch
 from omedge.cli import bench_table, out
 from omedge.devices import cpu_info
 from omedge.errors import OmedgeError
+from common import bench_arguments  # noqa: E402
 
 
 def variants(work: Path, args) -> list:
@@ -34,18 +34,13 @@ def variants(work: Path, args) -> list:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=10)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--precisions", default="fp32,int8")
+    ap = bench_arguments(runs=5, precisions="fp32,int8")
     ap.add_argument("--calib", help="a folder of images for INT8 (default: synthetic)")
     ap.add_argument("--calib-size", type=int, default=16)
     ap.add_argument("--verify-size", type=int, default=3)
     # onnxruntime's static calibrator records every tensor of the 1024^2 encoder (the global
     # blocks' 12 x 4096 x 4096 attention maps): on a 23 GB machine it was killed for memory
     ap.add_argument("--int8-formats", default="openvino", help="formats for INT8 (onnx needs > 23 GB RAM here)")
-    ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="sam-bench-") as tmp:
         bundles = variants(Path(tmp), args)
@@ -74,7 +69,7 @@ def main():
             ratio = r.get("speedup_vs_torch", 1.0)
             best = max(best, ratio) if r["backend"] != "torch" else best
             print(f"{r['variant']:24s} {r['backend']:12s} {r['p50_ms']:15.0f} {ratio:8.2f} "
-                  f"{cos if cos is None else f'{cos:.5f}':>11} {iou if iou is None else f'{iou:.4f}':>9} "
+                  f"{'-' if cos is None else f'{cos:.5f}':>11} {'-' if iou is None else f'{iou:.4f}':>9} "
                   f"{g.get('decoder_p50_ms', float('nan')):15.2f} {g.get('segment_p50_ms', float('nan')):15.2f}")
         cpu = cpu_info()
         print(f"\nbest encoder speed-up vs torch fp32 eager: {best:.2f}x (target >= 4x)")

@@ -4,7 +4,6 @@ variant vs torch fp32 eager, measured in one run (each variant in its own proces
 Prints latency, throughput, speed-up, size, peak RSS, parity, and the achieved GFLOP/s
 as a fraction of this machine's measured matmul ceiling for the variant's precision.
 """
-import argparse
 import json
 import time
 
@@ -12,6 +11,7 @@ import torch
 
 from omedge.bench import add_ratios, bench_model
 from omedge.cli import bench_table, out
+from common import bench_arguments  # noqa: E402
 
 VIT_B16_GFLOP = 33.7  # multiply-adds x 2 per 224 px forward
 
@@ -39,12 +39,7 @@ def matmul_ceiling(threads: int, sizes=(1024, 2048, 3072), trials: int = 5) -> d
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--seconds", type=float, default=10)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--precisions", default="fp32,bf16,int8")
-    ap.add_argument("--json", help="also write the rows here")
+    ap = bench_arguments()
     args = ap.parse_args()
     threads = args.threads or torch.get_num_threads()
     ceiling = matmul_ceiling(threads)

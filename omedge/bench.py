@@ -48,13 +48,25 @@ def _timed(fn, x, warmup, runs, seconds):
 
 
 def _stored(bundle):
-    """The stored verification inputs as one batch of the first graph input, and the reference."""
+    """The stored verification inputs of the first graph as one batch {name: array}, and the
+    reference. Variable-length inputs (sequences) cannot be stacked: then the first sample."""
     from .parity import load_samples
+    m = read_manifest(bundle)
+    names = m.artifacts_for(m.roles()[0])[0].inputs
     inputs, reference = load_samples(np.load(Path(bundle) / "parity.npz", allow_pickle=False))
-    first = [next(iter(f.values())) for f in inputs]
-    if any(x.shape != first[0].shape for x in first):  # variable length (sequences): time the first
-        return inputs, reference, first[0]
-    return inputs, reference, np.concatenate(first)  # the first input only (a later graph's may vary in size)
+    return inputs, reference, _batch_of(inputs, names)
+
+
+def _batch_of(feeds: list[dict], names) -> dict:
+    if any(f[n].shape != feeds[0][n].shape for f in feeds for n in names):
+        return {n: feeds[0][n] for n in names}
+    return {n: np.concatenate([f[n] for f in feeds]) for n in names}
+
+
+def _repeat(x: dict, n: int) -> dict:
+    """The batch cycled to n items."""
+    count = len(next(iter(x.values())))
+    return {k: np.concatenate([v] * (n // count + 1))[:n] for k, v in x.items()}
 
 
 def worker_bundle(bundle, artifact, backend, device, batch, runs, warmup, seconds, threads, mode="latency") -> dict:
@@ -63,10 +75,12 @@ def worker_bundle(bundle, artifact, backend, device, batch, runs, warmup, second
     from .runtime import load
     p = load(bundle, device=device, backend=backend, threads=threads, artifact=artifact, mode=mode)
     inputs, reference, x_all = _stored(bundle)
-    x = np.concatenate([x_all] * (batch // len(x_all) + 1))[:batch]
+    count = len(next(iter(x_all.values())))
+    x = _repeat(x_all, batch)
     if mode == "throughput":  # many single-image requests in flight: items/s over a stream of inputs
-        stream = np.concatenate([x_all] * max(1, 8 // len(x_all)))
-        times = [t / len(stream) for t in _timed(lambda a: p.run(a, batch_size=1), stream, 1, max(3, runs // 8),
+        n_stream = count * max(1, 8 // count)
+        stream = _repeat(x_all, n_stream)
+        times = [t / n_stream for t in _timed(lambda a: p.run(a, batch_size=1), stream, 1, max(3, runs // 8),
                                                   seconds)]
     else:
         times = _timed(lambda a: p.run(a, batch_size=batch), x, warmup, runs, seconds)
@@ -91,20 +105,26 @@ def worker_torch(model_id, variant, weights, seed, batch, runs, warmup, seconds,
     if threads:
         torch.set_num_threads(threads)
     spec = get_spec(model_id)
-    model = load(spec, weights, variant)[0] if weights else build(spec, variant, seed=seed)
+    # random weights: the same build options as the bundle's export (MIU-VL's canvas and text folder)
+    options = read_manifest(bundle).model.get("options", {}) if bundle else {}
+    model = load(spec, weights, variant)[0] if weights else build(spec, variant, seed=seed, **options)
     if bundle:
         inputs, reference, x_all = _stored(bundle)
     else:
-        feeds = get_kind(spec.kind).synthetic_samples(4, 0, spec.preprocess, spec.inputs[0].name)
-        x_all = np.concatenate([f[spec.inputs[0].name] for f in feeds])
-    x = torch.from_numpy(np.concatenate([x_all] * (batch // len(x_all) + 1))[:batch])
+        names = spec.graphs_for(spec.default_options)[0].inputs
+        x_all = _batch_of(get_kind(spec.kind).synthetic_samples(4, 0, spec.preprocess, spec.inputs[0].name), names)
+    count = len(next(iter(x_all.values())))
+
+    def as_torch(batch):  # the forward takes the first graph's inputs in declared order
+        return tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in batch.values())
+    x = as_torch(_repeat(x_all, batch))
     with torch.inference_mode():
-        times = _timed(model, x, warmup, runs, seconds)
-        outs = {k: v.numpy() for k, v in model(torch.from_numpy(x_all)).items()}
+        times = _timed(lambda a: model(*a), x, warmup, runs, seconds)
+        outs = {k: v.numpy() for k, v in model(*as_torch(x_all)).items()}
     parity = None
     if bundle:
         names = set(reference[0])  # a multi-graph bundle's torch forward is its first graph
-        candidate = [{k: v[i:i + 1] for k, v in outs.items() if k in names} for i in range(len(x_all))]
+        candidate = [{k: v[i:i + 1] for k, v in outs.items() if k in names} for i in range(count)]
         reference = [{k: v for k, v in r.items() if k in outs} for r in reference]
         parity = get_kind(spec.kind).parity(reference, candidate, "fp32", {}, inputs)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -176,6 +196,11 @@ def bench_bundle(bundle, device="cpu", batch=1, runs=20, warmup=3, seconds=5.0, 
             row.setdefault("artifact", art.name)
             row["backend"] = backend
             rows.append(row)
+    for art in m.artifacts_for(m.roles()[0]):  # kept with --force but failed its gate: say so, do not time it
+        if not (art.parity or {}).get("passed", True):
+            rows.append({"variant": f"{art.format} {art.precision}", "artifact": art.name,
+                         "error": "failed its parity gate at export (not used): "
+                                  + "; ".join(art.parity.get("failures", []))[:200]})
     return rows
 
 
@@ -190,8 +215,10 @@ def bench_torch(model_id, variant, weights=None, seed=0, batch=1, runs=20, warmu
 
 def bench_model(model_id, weights=None, variant=None, calib=None, precisions=("fp32", "bf16", "int8"),
                 formats=("onnx", "openvino"), batch=1, runs=20, warmup=3, seconds=5.0, threads=None,
-                workdir=None, modes=("latency",), calib_size: int = 64, log=lambda m: None) -> list[dict]:
-    """Export the usual variants of a model, then bench them beside torch fp32 eager."""
+                workdir=None, modes=("latency",), calib_size: int = 64, log=lambda m: None,
+                **export_options) -> list[dict]:
+    """Export the usual variants of a model, then bench them beside torch fp32 eager.
+    export_options: the kind's own export options (MIU-VL: text_encoder, image_size)."""
     from .exporters import export
     from .models import get_spec
     spec = get_spec(model_id)
@@ -210,7 +237,7 @@ def bench_model(model_id, weights=None, variant=None, calib=None, precisions=("f
                 b = export(model_id, weights, variant=variant, formats=fmts, precision=precision,
                            calib=(calib or "synthetic") if precision == "int8" else None, calib_size=calib_size,
                            random_weights=weights is None, out=tmp / f"{model_id}-{precision}.omedge",
-                           overwrite=True, force=True)
+                           overwrite=True, force=True, **export_options)
             except OmedgeError as e:
                 rows.append({"variant": f"{precision}", "error": str(e)})
                 continue

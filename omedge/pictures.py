@@ -177,3 +177,32 @@ def write_overlay(image: np.ndarray, masks: np.ndarray, path, boxes=None, overwr
     path = check_output(path, overwrite, (".png",), "a preview is written as PNG")
     pic = overlay_masks(image, masks, boxes)
     return write_atomic(path, lambda f: pic.save(f, format="PNG"))
+
+
+def bar_chart(labels: list[str], probabilities, title: str = "", width: int = 560):
+    """Class probabilities as horizontal bars, the top class in palette colour 1, the others
+    grey; each bar says its class and percentage. Long class names are shortened."""
+    from PIL import Image, ImageDraw
+    probs = np.asarray(probabilities, np.float64).reshape(-1)
+    row, top, left = 26, 30 if title else 8, 8
+    pic = Image.new("RGB", (width, top + row * len(probs) + 8), (255, 255, 255))
+    draw = ImageDraw.Draw(pic)
+    if title:
+        draw.text((left, 8), title[:80], fill=(0, 0, 0))
+    best, bar_w = int(probs.argmax()), width - 2 * left
+    colours = label_colours(2)
+    for i, (name, p) in enumerate(zip(labels, probs)):
+        y = top + i * row
+        fill = tuple(int(c) for c in colours[1]) if i == best else (190, 190, 190)
+        draw.rectangle([left, y, left + max(1, int(bar_w * float(p))), y + row - 6], fill=fill)
+        text = str(name) if len(str(name)) <= 60 else str(name)[:57] + "..."
+        draw.text((left + 4, y + 4), f"{text}  {100 * float(p):.1f}%", fill=(0, 0, 0))
+    return pic
+
+
+def write_bar_chart(path, labels, probabilities, title: str = "", overwrite: bool = False) -> Path:
+    """`bar_chart` as a PNG, written atomically."""
+    from .io.volume import check_output, write_atomic
+    path = check_output(path, overwrite, (".png",), "a chart is written as PNG")
+    pic = bar_chart(labels, probabilities, title)
+    return write_atomic(path, lambda f: pic.save(f, format="PNG"))

@@ -55,12 +55,15 @@ class GraphSpec:
     """One exported graph of a bundle; a bundle with several (SAM: encoder + decoder)
     gives each its own role. `inputs`/`outputs` name TensorSpecs of the ModelSpec; an
     input that an earlier graph outputs is chained to it (see omedge/exporters/graphs.py).
-    quantize: "yes" (every recipe), or "if-passes" (an INT8 artifact of this graph that
-    fails its gate is replaced by the fp32 one of the same format, and the manifest says so)."""
+    quantize: "yes" (every recipe), "if-passes" (an INT8 artifact of this graph that fails
+    its gate is replaced by the fp32 one of the same format, and the manifest says so), or
+    "no" (always the fp32 one: CITE's text tower runs a few times per class list).
+    when: the build option that must be truthy for this graph to exist (CITE's text tower)."""
     role: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     quantize: str = "yes"
+    when: str | None = None
 
 
 @dataclass
@@ -84,6 +87,7 @@ class ModelSpec:
     parity: dict = field(default_factory=dict)          # per-precision gate overrides
     default_options: dict = field(default_factory=dict)  # build options for random weights
     exporter: str | None = None          # "module:function" for families not exported from torch (GGUF)
+    onnx_opset: int | None = None        # an opset above the exporter's default (MIU-VL's DeformConv: 19)
     official: dict = field(default_factory=dict)  # the official code the preprocessing reproduces
     notes: str = ""
 
@@ -91,13 +95,18 @@ class ModelSpec:
         """The outputs a model built with `options` has (a head only when the file has one)."""
         return tuple(o for o in self.outputs if o.when is None or options.get(o.when))
 
+    def inputs_for(self, options: dict) -> tuple[TensorSpec, ...]:
+        """The inputs of the graphs a model built with `options` exports."""
+        used = {n for g in self.graphs_for(options) for n in g.inputs}
+        return tuple(i for i in self.inputs if i.name in used)
+
     def primary_for(self, options: dict) -> str:
         names = [o.name for o in self.outputs_for(options)]
         return self.primary_output if self.primary_output in names else names[0]
 
     def graphs_for(self, options: dict) -> tuple[GraphSpec, ...]:
         if self.graphs:
-            return self.graphs
+            return tuple(g for g in self.graphs if g.when is None or options.get(g.when))
         return (GraphSpec("model", tuple(i.name for i in self.inputs),
                           tuple(o.name for o in self.outputs_for(options))),)
 

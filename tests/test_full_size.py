@@ -124,3 +124,22 @@ def test_prime_650m_onnx_external_data_int8_dynamic(tmp_path):
     (tmp_path / "prime.pt").unlink()
     rows = omedge.load(b).score("MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", ["K2A", "T3W", "Y5F:I6G"])
     assert len(rows) == 3 and all(abs(r["score"]) < 100 for r in rows)
+
+
+def test_cite_vit_b_official_file_openvino_int8_with_a_dozen_tiles(tmp_path):
+    """CITE at its real size (86.7 M, mixed fp16/fp32 file) with a 1024-d one-layer BERT
+    standing in for BioLinkBERT-large: INT8 from 12 tiles passes top-1 >= 98%."""
+    from tests.cite_data import TEXTS, write_bert_folder, write_cite_checkpoint
+    ckpt = write_cite_checkpoint(tmp_path / "cite.pth", "B", seed=4)
+    bert = write_bert_folder(tmp_path / "bert-1024", hidden=1024, layers=1, heads=16)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    write_tiles(calib, 12, seed=6)
+    b = omedge.export("cite", ckpt, formats=["openvino"], precision="int8", calib=calib, text_encoder=str(bert),
+                      out=tmp_path / "cite")
+    m = read_manifest(b)
+    assert m["model"]["variant"] == "B" and m["labels"] == TEXTS
+    art = m["artifacts"][0]
+    assert art["parity"]["passed"] and art["parity"]["outputs"]["logits"]["top1_agreement"] >= 0.98
+    probs = omedge.load(b).predict(sorted(calib.iterdir())[:2], return_dict=True)["probabilities"]
+    assert probs.shape == (2, 3)

@@ -142,6 +142,14 @@ def _add_export(sub):
     s.add_argument("--crop", choices=["official", "center"],
                    help="video models: the official evaluation's left/top crop (default) or a centre crop")
     s.add_argument("--sam", metavar="PATH", help="medlsam: the SAM/MedSAM ViT-B checkpoint beside --weights medlam.pth")
+    s.add_argument("--text-encoder", metavar="FOLDER", help="cite: local BioLinkBERT-large folder that embeds the "
+                   "class names; miu-vl: local bert-base-uncased folder (config + vocab)")
+    s.add_argument("--with-text-encoder", action="store_true", help="cite: ship the text tower so `predict --classes` "
+                   "can name other classes on the device")
+    s.add_argument("--classes", help="cite: comma list of class texts to embed instead of the file's own (same count)")
+    s.add_argument("--image-size", metavar="HxW", help="miu-vl: the fixed input canvas, multiples of 32 "
+                   "(default 800x1344)")
+    s.add_argument("--prompt", help="miu-vl: the caption used for calibration and verification (default 'polyp')")
     s.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (only for trusted files)")
     s.add_argument("-o", "--output", help="bundle folder (.omedge)")
     s.add_argument("--overwrite", action="store_true")

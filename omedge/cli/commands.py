@@ -93,6 +93,17 @@ def _precision(args) -> str:
     return chosen[0] if chosen else "fp32"
 
 
+def _hw(text):
+    """--image-size 800x1344 -> (800, 1344)."""
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--image-size {text!r}: give HxW, e.g. 800x1344") from None
+    return (h, w)
+
+
 def cmd_export(args):
     from ..exporters import export
     from ..manifest import read_manifest
@@ -104,7 +115,10 @@ def cmd_export(args):
     if spec.exporter and args.quant and precision != "fp32":
         raise UsageError("give either --quant or one of --int4/--int8/--fp16")
     options = {"labels": [s.strip() for s in args.labels.split(",")] if args.labels else None,
-               "frames": args.frames, "crop": args.crop, "sam": getattr(args, "sam", None)}
+               "frames": args.frames, "crop": args.crop, "sam": getattr(args, "sam", None),
+               "text_encoder": args.text_encoder, "with_text_encoder": args.with_text_encoder or None,
+               "classes": [c.strip() for c in args.classes.split(",")] if args.classes else None,
+               "image_size": _hw(args.image_size), "prompt": args.prompt}
     if spec.exporter:
         options = {"quant": args.quant, "keep_f16": args.keep_f16 or None, "threads": args.threads}
     with console.status("exporting") as status, _library_output_to_stderr():
@@ -335,8 +349,10 @@ def bench_table(rows, batch):
         if par is None:
             ptxt = "reference"
         else:
-            cos = min(m["cosine_min"] for m in par["outputs"].values())
-            ptxt = f"cos {cos:.5f}" + ("" if par["passed"] else " FAIL")
+            cosines = [m["cosine_min"] for m in par["outputs"].values() if "cosine_min" in m]
+            top1 = [m["top1_agreement"] for m in par["outputs"].values() if "top1_agreement" in m]
+            ptxt = (f"cos {min(cosines):.5f}" if cosines else "") + (f" top-1 {min(top1):.3f}" if top1 else "")
+            ptxt += "" if par["passed"] else " FAIL"
         rt = r["runtime"]
         table.append((r["variant"], f"{rt['backend']}/{rt['device']}" +
                       (f" ({rt['inference_precision']}, {rt['streams']} stream{'s' * (rt['streams'] > 1)})"

@@ -235,7 +235,8 @@ class _Job:
             self.log("exporting ONNX (fp32)")
             onnx_fp32 = work / "model.onnx"
             example = tuple(torch.from_numpy(a) for a in self._first_inputs())
-            onnx_info = export_onnx(self.model, example, onnx_fp32, self.inputs, self.outputs)
+            onnx_info = export_onnx(self.model, example, onnx_fp32, self.inputs, self.outputs,
+                                    **({"opset": self.spec.onnx_opset} if self.spec.onnx_opset else {}))
             artifacts = []
             for r in self.recipes:
                 self.log(f"building {r.name}")
@@ -265,13 +266,15 @@ class _Job:
         the model's `constants()`, stored as .npy beside the graphs and hashed like them."""
         if not self.spec.constants:
             return {}
-        values = {k: v.detach().cpu().numpy() for k, v in self.model.constants().items()}
-        missing = [c for c in self.spec.constants if c not in values]
+        given = self.model.constants()  # a declared constant may be None: not part of this build
+        values = {k: v if isinstance(v, np.ndarray) else v.detach().cpu().numpy()
+                  for k, v in given.items() if v is not None}
+        missing = [c for c in self.spec.constants if c not in given]
         if missing:
             raise ExportError(f"{self.spec.id} declares constants {', '.join(missing)} that its model does not give")
         (root / "constants").mkdir()
         out = {}
-        for name in self.spec.constants:
+        for name in (c for c in self.spec.constants if c in values):
             np.save(root / "constants" / f"{name}.npy", values[name], allow_pickle=False)
             out[name] = {"file": f"constants/{name}.npy", "shape": list(values[name].shape),
                          "dtype": str(values[name].dtype)}
@@ -343,4 +346,5 @@ def _labels(given, spec, reference: dict, options: dict) -> list[str] | None:
         if len(given) != n:
             raise UsageError(f"--labels has {len(given)} names but the model has {n} outputs")
         return list(given)
-    return list(spec.labels) if spec.labels and len(spec.labels) == n else [f"class_{i}" for i in range(n)]
+    named = options.get("class_texts") or spec.labels  # CITE: the class texts the file was trained on
+    return list(named) if named and len(named) == n else [f"class_{i}" for i in range(n)]

@@ -7,7 +7,7 @@ The protocol:
 - the built torch module's `graph_modules() -> {role: module}`; each takes its role's
   inputs in declared order and returns a dict holding (at least) its declared outputs.
 - the first graph's calibration / verification feeds are the kind's usual samples; the
-  kind's `graph_feeds(role, samples, upstream, seed, purpose)` gives every later graph's
+  kind's `graph_feeds(role, samples, upstream, seed, purpose, model)` gives every later graph's
   own inputs (SAM's decoder: prompts), one feed per sample, from the torch outputs of the
   graphs before it. Verification and calibration use different seeds (held-out prompts).
 - one artifact per (role x recipe). The reference is the torch fp32 chain. Verification
@@ -17,6 +17,7 @@ The protocol:
   candidate decoder against torch).
 - quantize="if-passes": an INT8 artifact of that graph that fails its gate is replaced by
   the fp32 artifact of the same format; its parity record says so (`fallback`).
+  quantize="no": that graph is always the fp32 artifact of each format.
 - parity.npz holds, per sample, every graph's own (non-chained) inputs and every graph's
   torch outputs, so `omedge verify` can rerun the chain on the device.
 """
@@ -38,7 +39,7 @@ def _torch_chain(job, feeds: list[dict], seed: int, purpose: str):
     upstream = [{} for _ in feeds]
     for g in graphs:
         if g.role not in own:
-            own[g.role] = job.kind.graph_feeds(g.role, feeds, upstream, seed, purpose)
+            own[g.role] = job.kind.graph_feeds(g.role, feeds, upstream, seed, purpose, model=job.model)
             if job.kind.store_float16 and purpose == "verify":  # as parity.npz will keep them
                 own[g.role] = [as_stored(f) for f in own[g.role]]
         outs[g.role] = []
@@ -65,7 +66,8 @@ def reference(job, seed: int) -> None:
     job.verify_feeds = [{k: v for g in job.graphs for k, v in job.own[g.role][i].items()} for i in range(n)]
     job.ref = [{k: v for g in job.graphs for k, v in job.role_ref[g.role][i].items()} for i in range(n)]
     job.extra = job.kind.pipeline_reference(_torch_runner(job), job.pre, seed)
-    job.labels = None
+    from . import _labels
+    job.labels = _labels(None, job.spec, job.ref[0], job.options)
 
 
 def _torch_runner(job):
@@ -103,30 +105,45 @@ def write(job, writer) -> tuple[list[Artifact], dict]:
         example = tuple(torch.from_numpy(np.ascontiguousarray(full[n])) for n in g.inputs)
         sources[g.role] = work / f"{g.role}.onnx"
         onnx_info[g.role] = export_onnx(modules[g.role], example, sources[g.role],
-                                        [_tensor(job, n) for n in g.inputs], [_tensor(job, n) for n in g.outputs])
+                                        [_tensor(job, n) for n in g.inputs], [_tensor(job, n) for n in g.outputs],
+                                        **({"opset": job.spec.onnx_opset} if job.spec.onnx_opset else {}))
     artifacts = []
     for r in job.recipes:
         start = len(artifacts)
         upstream: dict = {}  # backend -> [per sample: outputs of this recipe's earlier graphs]
         for g in job.graphs:
+            if g.quantize == "no" and r.precision != "fp32":
+                art = _fp32_instead(job, writer.dir, r, g, sources[g.role], upstream, artifacts,
+                                    f"{g.role} is not quantized (its spec says so)")
+                if art is not None:
+                    artifacts.append(art)
+                continue
             art = _artifact(job, writer.dir, r, g, sources[g.role], upstream)
             if not art.parity["passed"] and g.quantize == "if-passes" and r.precision != "fp32":
                 reason = "; ".join(art.parity["failures"])
                 job.log(f"{g.role} {art.name} failed ({reason}): keeping the fp32 {g.role} for {r.format}")
-                fp32 = recipe_for(r.format, "fp32")
                 _drop_files(writer.dir, art)
-                kept = [a for a in artifacts if a.role == g.role and a.name == fp32.name]
-                if kept:
-                    upstream.update(_outputs_of(job, writer.dir, kept[0], fp32, g, upstream))
-                    continue
-                art = _artifact(job, writer.dir, fp32, g, sources[g.role], upstream, gate=r.gate)
-                art.parity["fallback"] = {"from": r.name, "reason": reason}
-            artifacts.append(art)
+                art = _fp32_instead(job, writer.dir, r, g, sources[g.role], upstream, artifacts, reason)
+            if art is not None:
+                artifacts.append(art)
         chain = {a.role: a for a in artifacts[:start] if a.format == r.format and a.precision == "fp32"}
         chain.update({a.role: a for a in artifacts[start:]})   # this recipe's graphs, fp32 where it fell back
         if job.extra and len(chain) == len(job.graphs):
             _pipeline_check(job, writer.dir, r, chain)
     return artifacts, {"graphs": onnx_info, "order": [g.role for g in job.graphs]}
+
+
+def _fp32_instead(job, root, r, g, source, upstream, artifacts, reason):
+    """The fp32 artifact of r's format stands in for graph g: the one already built (None is
+    returned; it feeds this recipe's later graphs), or a new one judged by r's gate."""
+    fp32 = recipe_for(r.format, "fp32")
+    kept = [a for a in artifacts if a.role == g.role and a.name == fp32.name]
+    if kept:
+        upstream.update(_outputs_of(job, root, kept[0], fp32, g, upstream))
+        return None
+    art = _artifact(job, root, fp32, g, source, upstream, gate=r.gate)
+    art.parity["fallback"] = {"from": r.name, "reason": reason}
+    return art
 
 
 def _pipeline_check(job, root, r, chain: dict) -> None:

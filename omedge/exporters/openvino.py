@@ -9,7 +9,9 @@ from .. import offline
 def convert(onnx_path: Path):
     offline.quiet_openvino()  # also when called without export(): converting sends telemetry
     import openvino as ov
-    return ov.convert_model(str(onnx_path))
+    from ..runtime.backends.ov import deform_conv_extension
+    # the extension only names an op type: graphs without DeformConv convert as before
+    return ov.convert_model(str(onnx_path), extension=[deform_conv_extension()])
 
 
 def save_ir(model, xml_path: Path, compress_to_fp16: bool) -> list[Path]:

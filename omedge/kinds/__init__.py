@@ -16,6 +16,8 @@ KINDS = {
     "text-generation": "omedge.kinds.text_generation",
     "promptable-segmentation": "omedge.kinds.promptable",
     "volume-prompted": "omedge.kinds.medlsam",
+    "prompted-classification": "omedge.kinds.prompted",
+    "grounded-detection": "omedge.kinds.detection",
 }
 
 

@@ -82,12 +82,16 @@ class ImageKind(Kind):
             return {}, []
         got = concat([run(preprocess_one(np.asarray(stored[k]), pre)[None]) for k in names])  # batch 1: any graph
         reference = {k.split(".", 1)[1]: np.asarray(stored[k]) for k in keys if k.startswith("raw_reference.")}
-        result = compare(reference, got, gates_for(gate), classify=("logits",))
+        result = self.compare_outputs(reference, got, gates_for(gate))
         failures = [f"from raw pictures through the manifest's preprocessing: {f}" for f in result["failures"]]
         return {"raw_pipeline": {"pictures": len(names), "outputs": result["outputs"]}}, failures
 
     def parity(self, reference, candidate, gate, overrides, inputs):
-        return compare(concat(reference), concat(candidate), gates_for(gate, overrides), classify=("logits",))
+        return self.compare_outputs(concat(reference), concat(candidate), gates_for(gate, overrides))
+
+    def compare_outputs(self, reference: dict, candidate: dict, gates: dict) -> dict:
+        """The metric of stored and raw-picture checks alike: cosine, top-1 of the logits."""
+        return compare(reference, candidate, gates, classify=("logits",))
 
     # -- serving ------------------------------------------------------------------
     raw_input = "image"

@@ -173,7 +173,7 @@ class MedLSAMKind(PromptableKind):
         p, rng = int(pre["localiser"]["patch"]), np.random.default_rng(0)
         return [{name: _crop(medlam_input(read_volume(f), p)[0], p, rng)} for f in files], [str(f) for f in files]
 
-    def graph_feeds(self, role, samples, upstream, seed, purpose):
+    def graph_feeds(self, role, samples, upstream, seed, purpose, model=None):
         """encoder: axial phantom slices as MedLSAM prepares them; decoder: 3 seeded boxes each.
         The first verification slice also carries the whole-pipeline reference (parity.npz)."""
         from ..medlsam import SliceImages
@@ -217,26 +217,9 @@ class MedLSAMKind(PromptableKind):
         result["passed"] = not result["failures"]
         return result
 
-    def verify(self, predictor, stored, manifest):
-        """All three graphs on the stored samples, then the whole pipeline on the phantom."""
-        from ..parity import load_samples
-        from .base import gate_class
-        inputs, reference = load_samples(stored)
-        candidate = []
-        for feed in inputs:
-            loc = predictor.run_graph("localiser", {"patch": feed["patch"]})
-            enc = predictor.run_graph("encoder", {"pixel_values": feed["pixel_values"]})
-            dec = predictor.run_graph("decoder", {**enc, "point_coords": feed["point_coords"],
-                                                  "point_labels": feed["point_labels"]})
-            candidate.append({**loc, **enc, **dec})
-        gate = gate_class(predictor.artifact)
-        result = self.parity(reference, candidate, gate, manifest.model.get("parity", {}), inputs)
-        where = stored if "pipeline_labels" in stored.files else inputs[0]   # top level: kinds/base.py's place
-        extra, failures = self.pipeline_check(predictor.run_graph, where, manifest.preprocess, gate)
-        result.update(extra)
-        result["failures"] += failures
-        result["passed"] = not result["failures"]
-        return result
+    def pipeline_source(self, stored, inputs):
+        """The phantom's reference: top level (kinds/base.py's place) or, in older bundles, sample 0."""
+        return stored if "pipeline_labels" in stored.files else inputs[0]
 
     def pipeline_check(self, run, stored, pre, gate):
         """The phantom through the bundle's graphs vs the stored torch label map and boxes."""

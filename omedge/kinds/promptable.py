@@ -189,7 +189,7 @@ class PromptableKind(Kind):
         return [{name: prepare_image(im[:sizes[i % 3][0], :sizes[i % 3][1]], pre)[0]}
                 for i, im in enumerate(synthetic_images(n, seed, size=s))]
 
-    def graph_feeds(self, role, samples, upstream, seed, purpose):
+    def graph_feeds(self, role, samples, upstream, seed, purpose, model=None):
         """The decoder's prompts, one set per image, in the model frame: 4 boxes, 2 sets of
         2 points (+ padding), or a box with a point (seeded: verification holds out its own)."""
         if role != "decoder":
@@ -246,20 +246,6 @@ class PromptableKind(Kind):
                 result["failures"].append(f"low_res_masks: mask IoU {ious.min():.4f} < {gates['mask_iou_min']}")
         result["passed"] = not result["failures"]
         return result
-
-    def verify(self, predictor, stored, manifest):
-        """Every graph of the opened bundle, chained as at export, against the stored torch outputs."""
-        from ..parity import load_samples
-        from .base import gate_class
-        inputs, reference = load_samples(stored)
-        candidate = []
-        for feed in inputs:
-            enc = predictor.run_graph("encoder", {"pixel_values": feed["pixel_values"]})
-            dec = predictor.run_graph("decoder", {**enc, "point_coords": feed["point_coords"],
-                                                  "point_labels": feed["point_labels"]})
-            candidate.append({**enc, **dec})
-        return self.parity(reference, candidate, gate_class(predictor.artifact), manifest.model.get("parity", {}),
-                           inputs)
 
     def bench_graphs(self, p, inputs, runs):
         """Per-prompt latency on one cached embedding: the decoder graph alone, and

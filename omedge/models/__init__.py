@@ -11,7 +11,7 @@ from ..errors import CheckpointError, UsageError
 from ..spec import ModelSpec
 
 FAMILY_MODULES = ("brow", "pathoduet", "deblurring", "convmae", "endofm", "stunet", "misfm", "pctnet", "pulse",
-                  "prime", "sam", "medlsam")
+                  "prime", "sam", "medlsam", "cite", "miuvl")
 ALIASES = {"pulse": "pulse-7b"}  # `omedge export pulse` detects 7b / 20b from the folder
 
 

@@ -118,6 +118,21 @@ class Predictor:
         out = backend.run({k: np.asarray(v).astype(dtypes.get(k, "float32"), copy=False) for k, v in feeds.items()})
         return named(out, art.outputs)
 
+    def run_chain(self, feed: dict) -> dict:
+        """Every graph of the bundle once, in run order, each fed from `feed` and the outputs
+        of the graphs before it (as the exporter chained them); all outputs together."""
+        have, out = dict(feed), {}
+        for role in self.manifest.roles():
+            _, art = self.graphs[role]
+            missing = [n for n in art.inputs if n not in have]
+            if missing:
+                raise InputError(f"graph '{role}' needs {', '.join(missing)}, which neither the feed nor an "
+                                 f"earlier graph gives")
+            got = self.run_graph(role, {n: have[n] for n in art.inputs})
+            have.update(got)
+            out.update(got)
+        return out
+
     def constant(self, name: str) -> np.ndarray:
         """A stored constant (e.g. class-text embeddings); its hash was checked at open."""
         if name not in self.manifest.constants:

@@ -59,7 +59,6 @@ def resize_short_side(img: np.ndarray, size: int, interpolation: str, name: str 
     """torchvision Resize(int): the shorter side becomes `size`, the longer keeps the
     aspect ratio (truncated, as torchvision does). A sliver (1 x 20000 px) would grow to
     gigapixels, so the result is held to the decoded-image pixel limit first."""
-    from PIL import Image
     h, w = img.shape[:2]
     if min(h, w) == size:
         return img
@@ -71,6 +70,14 @@ def resize_short_side(img: np.ndarray, size: int, interpolation: str, name: str 
         raise InputError(f"{name} is {w}x{h} px; scaling its short side to {size} would make it {new_w}x{new_h}, "
                          f"over the {pixel_limit() / 1e6:.1f}-megapixel limit",
                          f"crop it to the region of interest first (the limit is {MAX_PIXELS_ENV})")
+    return resize_to(img, new_h, new_w, interpolation)
+
+
+def resize_to(img: np.ndarray, new_h: int, new_w: int, interpolation: str) -> np.ndarray:
+    """torchvision Resize((h, w)) on a PIL image: Pillow's antialiased resample."""
+    from PIL import Image
+    if img.shape[:2] == (new_h, new_w):
+        return img
     resample = _RESAMPLE[interpolation]
     if img.dtype == np.uint8:
         return np.asarray(Image.fromarray(img).resize((new_w, new_h), resample))
@@ -102,8 +109,11 @@ def preprocess_one(item, spec: dict) -> np.ndarray:
         img = gaussian_blur(img, blur["sigma"])
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
-    if spec.get("resize"):
-        img = resize_short_side(img, spec["resize"]["size"], spec["resize"]["interpolation"], name)
+    resize = spec.get("resize")
+    if resize and isinstance(resize["size"], list):  # Resize((h, w)): straight to that size (CITE)
+        img = resize_to(img, *resize["size"], resize["interpolation"])
+    elif resize:
+        img = resize_short_side(img, resize["size"], resize["interpolation"], name)
     if spec.get("center_crop"):
         img = center_crop(img, spec["center_crop"], name)
     x = img.astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0)

@@ -57,6 +57,35 @@ def test_volume_prompted(tmp_path):
     assert set(out["describe"]["graphs"]) == {"localiser", "encoder", "decoder"}
 
 
+def test_prompted_classification(tmp_path):
+    """CITE with its text tower: new class names are embedded on the run side (tokenizers + the
+    text graph), never transformers."""
+    from tests.cite_data import write_bert_folder
+    bert = write_bert_folder(tmp_path / "bert")
+    b = omedge.export("cite", variant="tiny", random_weights=True, text_encoder=str(bert), with_text_encoder=True,
+                      verify_size=3, out=tmp_path / "cite")
+    out = run_side(b, "img = np.full((300, 260, 3), 120, np.uint8)\n"
+                      "r = p.predict(img, return_dict=True, classes=['gastric mucosa', 'signet ring cell carcinoma'])\n"
+                      "result = [list(r['probabilities'].shape), r['labels'], list(p.predict(img).shape)]")
+    assert out["result"] == [[1, 2], out["result"][1], [1, 3]] and out["describe"]["kind"] == "prompted-classification"
+    assert out["result"][1][0] in ("gastric mucosa", "signet ring cell carcinoma")
+
+
+def test_grounded_detection(tmp_path):
+    """MIU-VL (GLIP-T layout, tiny): the caption is tokenised, the boxes decoded, scored and
+    suppressed in numpy on the run side."""
+    from tests.miuvl_data import write_bert_folder
+    bert = write_bert_folder(tmp_path / "bert")
+    b = omedge.export("miu-vl", variant="tiny", random_weights=True, text_encoder=str(bert),
+                      image_size=(256, 320), formats=["onnx"], verify_size=2, out=tmp_path / "miu-vl")
+    out = run_side(b, "img = np.full((240, 300, 3), 90, np.uint8)\n"
+                      "dets = p.detect(img, 'pink round polyp in rectum', phrases=['polyp'], score_threshold=0.0)\n"
+                      "result = [len(dets) <= 100, sorted({d['phrase'] for d in dets}), "
+                      "all(0 <= d['box'][0] <= d['box'][2] <= 300 for d in dets)]")
+    assert out["result"][0] and out["result"][2] and out["result"][1] in ([], ["polyp"])
+    assert out["describe"]["kind"] == "grounded-detection"
+
+
 def test_image(tmp_path):
     b = omedge.export("brow", variant="tiny", random_weights=True, out=tmp_path / "brow")
     out = run_side(b, "result = p.predict(np.full((256, 256, 3), 120, np.uint8)).shape")

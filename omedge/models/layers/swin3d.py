@@ -7,14 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-class SwinMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
+from ..vit import Mlp as SwinMlp  # fc1 -> GELU -> fc2, the official names
 
 class WindowAttention3D(nn.Module):
     """Multi-head self-attention inside cubic windows of w^3 tokens, plain matmul/softmax."""

@@ -22,10 +22,47 @@ _core = None
 
 
 def core() -> ov.Core:
+    """One Core per process; it reads ONNX files with DeformConv too (MIU-VL's onnx artifacts)."""
     global _core
     if _core is None:
         _core = ov.Core()
+        _core.add_extension(deform_conv_extension())
     return _core
+
+
+def deform_conv_extension():
+    """OpenVINO's ONNX frontend has no converter for DeformConv-19 (GLIP's DCNv2): map it to
+    DeformableConvolution-8 with its mask. bilinear_interpolation_pad=True is the ONNX /
+    torchvision rule (a tap up to one pixel outside reads zero-padded corners; False would
+    clamp it to the border); the bias input becomes a broadcast Add."""
+    import numpy as np
+    import openvino.opset8 as ops
+    from openvino.frontend.onnx import ConversionExtension
+
+    def to_ov(node):
+        n_in = node.get_input_size()
+        x, w, offset = node.get_input(0), node.get_input(1), node.get_input(2)
+        bias = node.get_input(3) if n_in > 3 else None
+        mask = node.get_input(4) if n_in > 4 else None
+        pads = list(node.get_attribute("pads", [0, 0, 0, 0]))
+        out = ops.deformable_convolution(
+            x, offset, w, strides=list(node.get_attribute("strides", [1, 1])), pads_begin=pads[:2],
+            pads_end=pads[2:], dilations=list(node.get_attribute("dilations", [1, 1])), mask=mask,
+            group=int(node.get_attribute("group", 1)), deformable_group=int(node.get_attribute("offset_group", 1)),
+            bilinear_interpolation_pad=True)
+        if bias is not None:
+            out = ops.add(out, ops.unsqueeze(bias, ops.constant(np.array([0, 2, 3], dtype=np.int64))))
+        return [out.output(0)]
+
+    return ConversionExtension("DeformConv", to_ov)
+
+
+def port_name(port) -> str:
+    """The graph's own name of a tensor: OpenVINO merges the names of nodes it folds into the
+    tensor (a no-op Pad after an input), and `any_name` may return an internal '/a/b' one."""
+    names = sorted(port.get_names())
+    plain = [n for n in names if not n.startswith("/")]
+    return plain[0] if len(plain) == 1 else port.any_name
 
 
 def precision_name(value) -> str:
@@ -93,8 +130,8 @@ class OpenVINOBackend(Backend):
             raise BackendUnavailableError(f"openvino cannot compile {files['model'].name} for {device}: "
                                           f"{str(e).strip()[:300]}",
                                           "re-export the bundle with this omedge and openvino") from None
-        self.inputs = [i.any_name for i in self.compiled.inputs]
-        self.outputs = [o.any_name for o in self.compiled.outputs]
+        self.inputs = [port_name(i) for i in self.compiled.inputs]
+        self.outputs = [port_name(o) for o in self.compiled.outputs]
         self._local = threading.local()
         self._queue, self._queue_lock = None, threading.Lock()
 
@@ -113,7 +150,7 @@ class OpenVINOBackend(Backend):
 
     def _fits(self, inputs: dict) -> bool:
         """Whether every array has a shape the compiled graph accepts."""
-        ports = {p.any_name: p for p in self.compiled.inputs}
+        ports = {port_name(p): p for p in self.compiled.inputs}
         return all(k in ports and ports[k].get_partial_shape().compatible(ov.PartialShape(list(np.shape(v))))
                    for k, v in inputs.items())
 
