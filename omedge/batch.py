@@ -8,7 +8,6 @@ row per item in Parquet (segmentation: NIfTI label maps + a Parquet index).
   Ray Data in omedge.batch_ray; workers x threads never exceeds the cores."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,13 +15,14 @@ import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, OmedgeError, UsageError
+from .batch_inputs import Inputs, label_map_names, read_inputs
+from .errors import OmedgeError, UsageError
 
 BASE = ("item", "ok", "error", "seconds", "bundle_sha256", "finished_at")
 ROUNDS = 3          # a chunk whose worker process died is run again, at most this often in all
@@ -36,69 +36,6 @@ def cores() -> int:
 
 def pin_threads(threads: int) -> None:  # numpy & co. in a worker; the backend gets `threads` itself
     os.environ.update({var: str(threads) for var in THREAD_VARS})
-
-
-# -- inputs -------------------------------------------------------------------------
-@dataclass
-class Inputs:
-    items: list[str]                  # resolved paths, in input order
-    extra: object = None              # pyarrow Table of carried columns (manifest CSV), one row per item
-    outputs: dict = field(default_factory=dict)   # item -> label map file name (segmentation)
-
-
-def read_inputs(source, suffixes: tuple[str, ...], volumes: bool = False) -> Inputs:
-    """A folder (files with the bundle's suffixes), a manifest CSV with a `path` column
-    (other columns carried through), or a text file of paths, one a line. Relative
-    paths in a list are relative to the list's folder."""
-    src = Path(source)
-    if src.is_dir():
-        return Inputs([str(p) for p in _folder_items(src, suffixes, volumes)])
-    if not src.is_file():
-        raise InputError(f"batch input not found: {src}", "give a folder, a .csv manifest or a text file of paths")
-    if src.suffix.lower() == ".csv":
-        return _read_csv(src)
-    try:
-        lines = [line.strip() for line in src.read_text().splitlines()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read the file list {src}: {e}") from None
-    items = [str(src.parent / Path(line).expanduser()) for line in lines if line and not line.startswith("#")]
-    if not items:
-        raise InputError(f"{src} lists no paths", "one path per line; lines starting with # are skipped")
-    return Inputs(items)
-
-
-def _folder_items(folder: Path, suffixes, volumes: bool) -> list[Path]:
-    if volumes:  # NIfTI files and DICOM series folders, as `omedge predict` takes them
-        from .kinds.base import paths_in
-        return [p for p in paths_in(folder, suffixes, "NIfTI volume or DICOM series") if not p.name.startswith(".")]
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
-    if not files:
-        raise InputError(f"no inputs in {folder}", f"expected files ending in {', '.join(sorted(suffixes))}")
-    return files
-
-
-def _read_csv(path: Path) -> Inputs:
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-    try:
-        table = pcsv.read_csv(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise InputError(f"cannot read the manifest {path}: {str(e)[:300]}") from None
-    if "path" not in table.column_names:
-        raise InputError(f"{path} has no `path` column", f"its columns are: {', '.join(table.column_names)}")
-    paths = [str(p or "").strip() for p in table.column("path").to_pylist()]
-    if not all(paths):
-        raise InputError(f"{path}: the `path` column has empty cells")
-    return Inputs([str(path.parent / Path(p).expanduser()) for p in paths], table.drop_columns(["path"]))
-
-
-def label_map_names(items: list[str]) -> dict:
-    """`<name>_seg.nii.gz` per input; names that two inputs share get a short hash of the path."""
-    from collections import Counter
-    stems = {i: Path(i).name.removesuffix(".gz").removesuffix(".nii") for i in items}
-    counts = Counter(stems.values())
-    return {i: (s if counts[s] == 1 else f"{s}-{hashlib.sha256(i.encode()).hexdigest()[:8]}") + "_seg.nii.gz"
-            for i, s in stems.items()}
 
 
 # -- the work: one predictor per worker --------------------------------------------------
@@ -400,10 +337,14 @@ def _listing(kind) -> tuple:
 
 def plan_local(workers: int | None, threads: int | None) -> tuple[int, int]:
     """(workers, threads each) with workers x threads <= the cores this process may use."""
-    n = cores()
+    return split_cores(cores(), workers, threads, "cores here", "(each worker pins its own threads)")
+
+
+def split_cores(n: int, workers: int | None, threads: int | None, what: str, why: str = "") -> tuple[int, int]:
+    """Fill in whichever of workers / threads is missing so that workers x threads <= n."""
     workers = workers or max(1, n // (threads or 1))
     threads = threads or max(1, n // workers)
     if workers * threads > n:
-        raise UsageError(f"{workers} workers x {threads} threads is more than the {n} cores here",
-                         "lower --workers or --threads (each worker pins its own threads)")
+        raise UsageError(f"{workers} workers x {threads} threads is more than the {n} {what}",
+                         f"lower --workers or --threads {why}".rstrip())
     return workers, threads

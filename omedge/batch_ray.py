@@ -14,8 +14,8 @@ import os
 import warnings
 from dataclasses import replace
 
-from .batch import ROUNDS, THREAD_VARS, Worker, WorkerSpec, result_row, to_table
-from .errors import OmedgeError, UsageError
+from .batch import ROUNDS, THREAD_VARS, Worker, WorkerSpec, result_row, split_cores, to_table
+from .errors import OmedgeError
 
 QUIET = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_PROMPT_ENABLED": "0",
          "RAY_DISABLE_DOCKER_CPU_WARNING": "1"}
@@ -40,13 +40,7 @@ def connect(address: str | None = None, **init) -> bool:
 def plan(workers: int | None, threads: int | None) -> tuple[int, int]:
     """(actors, threads each) so that actors x threads <= the cluster's CPUs."""
     import ray
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    workers = workers or max(1, cpus // (threads or 1))
-    threads = threads or max(1, cpus // workers)
-    if workers * threads > cpus:
-        raise UsageError(f"{workers} workers x {threads} threads is more than the cluster's {cpus} CPUs",
-                         "lower --workers or --threads")
-    return workers, threads
+    return split_cores(max(1, int(ray.cluster_resources().get("CPU", 1))), workers, threads, "cluster's CPUs")
 
 
 class BatchActor:
