@@ -108,14 +108,16 @@ class PromptedCLIP(nn.Module):
 
     def _attach_text(self):
         """Class embeddings from the local BERT folder (once); random weights keep random ones."""
-        if self._text is not None or (self.text_encoder is None and not self.class_texts):
-            if self.with_text_encoder and self._text is None:
-                raise UsageError("--with-text-encoder needs --text-encoder FOLDER (a local BioLinkBERT-large folder)")
+        if self._text is not None:
             return
         if self.text_encoder is None:
-            raise UsageError("CITE's class embeddings are not in the checkpoint: give --text-encoder FOLDER "
-                             "(a local Hugging Face BioLinkBERT-large folder, e.g. from `huggingface-cli download "
-                             "michiyasunaga/BioLinkBERT-large` on a connected machine)")
+            if self.with_text_encoder:
+                raise UsageError("--with-text-encoder needs --text-encoder FOLDER (a local BioLinkBERT-large folder)")
+            if self.class_texts:
+                raise UsageError("CITE's class embeddings are not in the checkpoint: give --text-encoder FOLDER "
+                                 "(a local Hugging Face BioLinkBERT-large folder, e.g. from `huggingface-cli download "
+                                 "michiyasunaga/BioLinkBERT-large` on a connected machine)")
+            return
         bert, vocab, tokenize = read_text_encoder(self.text_encoder)
         if bert.config.hidden_size != self.neck.out_features:
             raise UsageError(f"the text encoder in {self.text_encoder} gives {bert.config.hidden_size}-d embeddings; "
