@@ -165,7 +165,7 @@ def _add_predict(sub):
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "npu"])
     s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino", "llama.cpp"])
     s.add_argument("--threads", type=positive_int)
-    s.add_argument("--batch-size", type=positive_int, help="images per run (default 8; volumes: windows per run, 2)")
+    s.add_argument("--batch-size", type=positive_int, help="images per run (default 8; volumes: windows per run, 1)")
     s.add_argument("-o", "--output", help="where to write the result (volumes: a .nii.gz label map, or a .dcm "
                    "DICOM-SEG; slides: the .h5 features)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file")

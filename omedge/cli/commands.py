@@ -156,6 +156,9 @@ def parity_table(path, m):
                              "pass" if par.get("passed") else "FAIL (forced)"))
         if "volume_dice" in par:
             rows.append((a.name, "whole volume", f"Dice min {par['volume_dice']['min']:.4f}", ""))
+        if "peak_rss_mb" in par:
+            rss = f"{par['peak_rss_mb']:.0f} MB (process, to the end of verification)"
+            rows.append((a.name, "export peak RSS", rss, ""))
         if "tokenizer" in par:
             tok = par["tokenizer"]
             rows.append((a.name, "tokenizer round trip", (f"{tok['exact']}/{tok['texts']} texts identical to "

@@ -25,6 +25,7 @@ from ..formats import GGUF_FOR_FLAG, recipe
 from ..kinds import get_kind
 from ..manifest import Artifact, Manifest
 from ..parity import as_stored, save_samples
+from .verify import peak_rss_mb
 
 
 def _versions() -> dict:
@@ -295,7 +296,8 @@ class _Job:
             artifacts=artifacts, constants=self.constants, calibration=self.calib_info,
             verification={"file": "parity.npz", "samples": len(self.verify_feeds), **self.verify_info,
                           "reference": "torch fp32 eager on this machine"},
-            export={"onnx": onnx_info}, forced=any(not a.parity["passed"] for a in artifacts), tools=_versions())
+            export={"onnx": onnx_info, "peak_rss_mb": peak_rss_mb()},
+            forced=any(not a.parity["passed"] for a in artifacts), tools=_versions())
 
 
 def _shaped(tensors: list[dict], shapes: dict) -> list[dict]:

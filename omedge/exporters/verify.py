@@ -18,13 +18,14 @@ def verify_artifact(art: Artifact, recipe, root: Path, kind, feeds: list[dict], 
                     extra: dict, pre: dict, overrides: dict) -> None:
     def measure(backend, runner):
         return _verify_on(runner, art, recipe, kind, feeds, reference, extra, pre, overrides)
-    verify_with(art, recipe, root, measure)
+    verify_with(art, recipe, root, measure, kind)
 
 
-def verify_with(art: Artifact, recipe, root: Path, measure) -> None:
+def verify_with(art: Artifact, recipe, root: Path, measure, kind=None) -> None:
     """Run `measure(backend, runner) -> parity record` on every backend of the recipe
     (multi-graph bundles measure end to end through it, exporters/graphs.py) and record
-    the result in `art`."""
+    the result in `art`; runners open with the kind's `backend_options`, as its predictor
+    opens them."""
     results, absent = {}, {}
     for backend in recipe.backends:
         found = probe(backend)
@@ -34,11 +35,13 @@ def verify_with(art: Artifact, recipe, root: Path, measure) -> None:
             absent[backend] = f"{found['reason']} -> {found['hint']}"
             continue
         # bf16 is verified even where this CPU only emulates it: slow, but the numbers are bf16's
-        options = {**art.runtime.get(backend, {}), "allow_emulated_bf16": True}
+        options = {**art.runtime.get(backend, {}), "allow_emulated_bf16": True,
+                   **getattr(kind, "backend_options", {})}  # as the kind's predictor opens it (volumes: no arena)
         runner = backend_class(backend)({"model": root / art.entry}, "cpu", options)
         result = measure(backend, runner)
         result["passed"] = not result["failures"]
         result["measured_with"] = runner.describe()
+        del runner  # its session's memory is freed before the next backend opens
         results[backend] = result
     if not results:
         raise ExportError(f"no backend that runs {art.name} is installed ({', '.join(recipe.backends)})",
@@ -53,10 +56,33 @@ def verify_with(art: Artifact, recipe, root: Path, measure) -> None:
     chosen["passed"] = bool(art.verified_backends)
     chosen["gate_class"] = recipe.gate
     art.parity = chosen
+    art.parity["peak_rss_mb"] = peak_rss_mb()
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MB (Linux VmHWM; ru_maxrss
+    elsewhere), recorded so an export's memory need is known before the next site runs
+    it: the whole export's peak, tracing and the torch reference included."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    try:
+        import resource
+        import sys
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KB on Linux
+    return round(rss / (2 ** 20 if sys.platform == "darwin" else 1024), 1)
 
 
 def _verify_on(runner, art, recipe, kind, feeds, reference, extra, pre, overrides) -> dict:
-    candidate = [runner.run(feed) for feed in feeds]  # batch 1, as the quantizer calibrated
+    runs = (runner.run(feed) for feed in feeds)  # batch 1, as the quantizer calibrated
+    # a kind whose samples are large (a volume window's logits: 0.9 GB) compares each as it comes
+    candidate = runs if getattr(kind, "parity_streams", False) else list(runs)
     result = kind.parity(reference, candidate, recipe.gate, overrides, feeds)
     checks, failures = kind.pipeline_check(lambda b: runner.run({art.inputs[0]: b}), extra, pre, recipe.gate)
     result.update(checks)

@@ -18,17 +18,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..errors import ExportError, InputError, UsageError
+from ..errors import ExportError, UsageError
 from ..parity import compare
-from .promptable import (
-    GATES,
-    Embedding,
-    PromptableKind,
-    PromptablePredictor,
-    postprocess_masks,
-    prepare_image,
-    prompt_arrays,
-)
+from .promptable import (GATES, Embedding, PromptableKind, PromptablePredictor, embed_with, prepare_image,
+                         prompt_arrays, segment_with)
 
 LOCALISER_OUT = ("position", "feature0", "feature1", "feature2")
 PIPELINE = {"query": "medlsam_phantom.phantom(shape=(40, 40, 28), seed=0)", "support": "the query and its labels (one case)",
@@ -36,25 +29,6 @@ PIPELINE = {"query": "medlsam_phantom.phantom(shape=(40, 40, 28), seed=0)", "sup
             "decisive": "argmax_margin_min (best - second-best similarity of every extreme point, torch) above "
                         "1e-5: float rounding (~1e-6) cannot swap a box edge, so a failure is a real difference"}
 DICE_MIN, DECISIVE_MARGIN = 0.99, 1e-5
-
-
-def embed_with(run, sam_pre: dict, image) -> Embedding:
-    x, size, resized = prepare_image(image, sam_pre)
-    return Embedding(run("encoder", {"pixel_values": x})["image_embeddings"], size, resized, "")
-
-
-def segment_with(run, sam_pre: dict, emb: Embedding, boxes=None, points=None, point_labels=None,
-                 multimask_output=False):
-    """PromptablePredictor.segment over any runner: masks at the embedded image's size, scores."""
-    if not isinstance(emb, Embedding):
-        raise InputError("segment() takes the result of embed(image)", "emb = p.embed(image)")
-    coords, labels = prompt_arrays(emb.original_size, emb.resized_size, boxes, points, point_labels)
-    out = run("decoder", {"image_embeddings": emb.image_embeddings, "point_coords": coords, "point_labels": labels})
-    pick = slice(1, 4) if multimask_output else slice(0, 1)
-    logits = postprocess_masks(out["low_res_masks"][:, pick], int(sam_pre["image_size"]), emb.resized_size,
-                               emb.original_size)
-    masks, scores = logits > float(sam_pre.get("mask_threshold", 0.0)), out["iou_predictions"][:, pick]
-    return (masks, scores) if multimask_output else (masks[:, 0], scores[:, 0])
 
 
 def pipeline_callables(run, pre: dict) -> dict:

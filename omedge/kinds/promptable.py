@@ -10,7 +10,7 @@ bilinear S -> crop to the resized size -> bilinear to the input size -> > thresh
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -99,17 +99,37 @@ def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 def postprocess_masks(low_res: np.ndarray, image_size: int, resized, size) -> np.ndarray:
     """(B, K, L, L) logits -> (B, K, H, W): bilinear to S, crop, bilinear to the input size
-    (F.interpolate, align_corners=False), each a linear map, applied as two matrices."""
+    (F.interpolate, align_corners=False). Each step is linear, so rows and columns each get
+    one composed map; a map mixes a few neighbouring inputs per output, applied as that
+    many weighted gathers (no BLAS call: its threads waking beside the backend's spinning
+    ones cost more than the decoder)."""
     rows, cols = _post_maps(low_res.shape[-2], low_res.shape[-1], image_size, tuple(resized), tuple(size))
-    return np.einsum("hl,bklm,wm->bkhw", rows, low_res.astype(np.float32), cols, optimize=True)
+    x = low_res.astype(np.float32, copy=False)
+    idx, w = rows
+    x = sum(x[..., idx[:, j], :] * w[:, j, None] for j in range(idx.shape[1]))
+    idx, w = cols
+    return sum(x[..., idx[:, j]] * w[:, j] for j in range(idx.shape[1]))
+
+
+def _band(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A (n_out, n_in) interpolation map whose rows touch a few neighbouring inputs ->
+    (indices, weights), both (n_out, width); taps past the end get weight 0."""
+    nz = m != 0
+    start = nz.argmax(1)
+    end = m.shape[1] - nz[:, ::-1].argmax(1)
+    taps = start[:, None] + np.arange(int((end - start).max()))
+    inside = taps < m.shape[1]
+    idx = np.where(inside, taps, m.shape[1] - 1)
+    return idx, np.where(inside, np.take_along_axis(m, idx, 1), 0).astype(np.float32)
 
 
 @lru_cache(maxsize=16)
 def _post_maps(lh: int, lw: int, image_size: int, resized: tuple, size: tuple):
-    """The row and column maps of postprocess_masks, cached: every prompt on one image reuses them."""
+    """The row and column maps of postprocess_masks as bands, cached: every prompt on one
+    image reuses them."""
     rows = _interp_matrix(resized[0], size[0]) @ _interp_matrix(lh, image_size)[:resized[0]]
     cols = _interp_matrix(resized[1], size[1]) @ _interp_matrix(lw, image_size)[:resized[1]]
-    return rows, cols
+    return _band(rows), _band(cols)
 
 
 def mask_ious(ref: np.ndarray, got: np.ndarray, margin: float = 0.0) -> np.ndarray:
@@ -125,11 +145,37 @@ def mask_ious(ref: np.ndarray, got: np.ndarray, margin: float = 0.0) -> np.ndarr
 
 @dataclass
 class Embedding:
-    """One image's encoder output and the sizes its prompts and masks are mapped with."""
+    """One image's encoder output and the sizes its prompts and masks are mapped with;
+    `decoder_side`: the encoder's other outputs (the decoder's per-image projections;
+    empty for bundles exported before they were)."""
     image_embeddings: np.ndarray
     original_size: tuple[int, int]
     resized_size: tuple[int, int]
     artifact: str
+    decoder_side: dict = field(default_factory=dict)
+
+
+def embed_with(run, pre: dict, image, artifact: str = "") -> Embedding:
+    """The encoder over any runner `run(role, feeds)` (SAM's predictor, MedLSAM's slices)."""
+    x, size, resized = prepare_image(image, pre)
+    out = run("encoder", {"pixel_values": x})
+    emb = out.pop("image_embeddings")
+    return Embedding(emb, size, resized, artifact, out)
+
+
+def segment_with(run, pre: dict, emb: Embedding, boxes=None, points=None, point_labels=None,
+                 multimask_output=False):
+    """Prompts -> the decoder over any runner -> masks at the embedded image's size, scores."""
+    if not isinstance(emb, Embedding):
+        raise InputError("segment() takes the result of embed(image)", "emb = p.embed(image)")
+    coords, labels = prompt_arrays(emb.original_size, emb.resized_size, boxes, points, point_labels)
+    out = run("decoder", {"image_embeddings": emb.image_embeddings, **emb.decoder_side, "point_coords": coords,
+                          "point_labels": labels})
+    pick = slice(1, 4) if multimask_output else slice(0, 1)
+    logits = postprocess_masks(out["low_res_masks"][:, pick], int(pre["image_size"]), emb.resized_size,
+                               emb.original_size)
+    masks, scores = logits > float(pre.get("mask_threshold", 0.0)), out["iou_predictions"][:, pick]
+    return (masks, scores) if multimask_output else (masks[:, 0], scores[:, 0])
 
 
 class PromptablePredictor(Predictor):
@@ -137,23 +183,12 @@ class PromptablePredictor(Predictor):
 
     def embed(self, image) -> Embedding:
         """Run the image encoder once; keep the result for any number of `segment` calls."""
-        x, size, resized = prepare_image(image, self.manifest.preprocess)
-        out = self.run_graph(self.role, {"pixel_values": x})
-        return Embedding(out["image_embeddings"], size, resized, self.artifact.name)
+        return embed_with(self.run_graph, self.manifest.preprocess, image, self.artifact.name)
 
     def segment(self, emb: Embedding, boxes=None, points=None, point_labels=None, multimask_output=False):
         """masks (bool, N x H x W; N x 3 x H x W with multimask_output) and scores."""
-        if not isinstance(emb, Embedding):
-            raise InputError("segment() takes the result of embed(image)", "emb = p.embed(image)")
-        coords, labels = prompt_arrays(emb.original_size, emb.resized_size, boxes, points, point_labels)
-        out = self.run_graph("decoder", {"image_embeddings": emb.image_embeddings, "point_coords": coords,
-                                         "point_labels": labels})
-        pick = slice(1, 4) if multimask_output else slice(0, 1)
-        pre = self.manifest.preprocess
-        logits = postprocess_masks(out["low_res_masks"][:, pick], int(pre["image_size"]), emb.resized_size,
-                                   emb.original_size)
-        masks, scores = logits > float(pre.get("mask_threshold", 0.0)), out["iou_predictions"][:, pick]
-        return (masks, scores) if multimask_output else (masks[:, 0], scores[:, 0])
+        return segment_with(self.run_graph, self.manifest.preprocess, emb, boxes, points, point_labels,
+                            multimask_output)
 
     def predict(self, image, boxes=None, points=None, point_labels=None, multimask_output=False):
         return self.segment(self.embed(image), boxes, points, point_labels, multimask_output)
@@ -172,7 +207,9 @@ class PromptableKind(Kind):
         s, grid, dim = model.img_size, model.grid, model.prompt_encoder.no_mask_embed.weight.shape[1]
         pre = {**pre, "image_size": s, "low_res_size": 4 * grid}
         emb = (1, dim, grid, grid)
-        return pre, {"pixel_values": (1, 3, s, s), "image_embeddings": emb,
+        inner = model.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.out_features
+        side = {name: (1, grid * grid, inner) for name in ("image_q", "image_k", "image_v")}
+        return pre, {"pixel_values": (1, 3, s, s), "image_embeddings": emb, **side,
                      "low_res_masks": (None, 4, 4 * grid, 4 * grid)}
 
     def folder_samples(self, source, pre, limit, name="pixel_values"):
@@ -253,7 +290,8 @@ class PromptableKind(Kind):
         import time
         emb = p.embed(np.zeros((600, 800, 3), np.uint8))
         coords, labels = prompt_arrays((600, 800), emb.resized_size, boxes=[[100, 120, 420, 380]])
-        feeds = {"image_embeddings": emb.image_embeddings, "point_coords": coords, "point_labels": labels}
+        feeds = {"image_embeddings": emb.image_embeddings, **emb.decoder_side, "point_coords": coords,
+                 "point_labels": labels}
         out = {}
         for name, call in (("decoder", lambda: p.run_graph("decoder", feeds)),
                            ("segment", lambda: p.segment(emb, boxes=[[100, 120, 420, 380]]))):

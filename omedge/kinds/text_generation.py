@@ -92,21 +92,29 @@ class LLMPredictor:
 
     # -- generation ---------------------------------------------------------------
     def _stream(self, tokens: list[int], max_tokens: int, sampling: dict) -> Iterator[str]:
+        """Text pieces as tokens arrive. Per token only that token's bytes are decoded
+        (incrementally: a byte-level BPE token may end mid-character), the answer-marker
+        check stops once the start is settled, and no token is decoded past max_tokens."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, emitted, n = decoder.decode(self.backend.detokenize(tokens[-1:])), 0, 0
         marker = self.prompt["primer"].strip()
+        start, settled = None, False
         gen = self.backend.generate(tokens, sampling)
         try:
             for tok in gen:
-                if tok == self.eos or n >= max_tokens:
+                if tok == self.eos:
                     break
                 n += 1
                 text += decoder.decode(self.backend.detokenize([tok]))
-                start = _answer_start(text, marker)
+                if not settled:  # later text cannot move a start found after this many characters
+                    start = _answer_start(text, marker)
+                    settled = start is not None and len(text.lstrip()) > len(marker) + 3
                 if start is not None and len(text) > max(start, emitted):
                     piece = text[max(start, emitted):]
                     emitted = len(text)
                     yield piece
+                if n >= max_tokens:
+                    break
         finally:
             gen.close()
 
@@ -120,7 +128,10 @@ class LLMPredictor:
              **sampling):
         if not messages or messages[-1].get("role") != "user":
             raise InputError("chat needs a list of messages ending with a user turn")
-        pieces = self._stream(self._fit(messages, mode, max_tokens), max_tokens, {**self.sampling, **sampling})
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        pieces = self._stream(self._fit(messages, mode, max_tokens), max_tokens,
+                              {**self.sampling, **check_sampling(sampling)})
         return pieces if stream else "".join(pieces).strip()
 
     def predict(self, prompts, max_tokens: int = 256, **sampling) -> list[str]:
@@ -132,6 +143,29 @@ class LLMPredictor:
         return {"bundle": str(self.path), "model": m.model["id"], "kind": m.kind, "weights": m.weights["source"],
                 "artifact": self.artifact.name, "format": "gguf", "precision": self.artifact.precision,
                 **self.backend.describe(), "parity": self.artifact.parity.get("passed"), "skipped": self.skipped}
+
+
+SAMPLING = {"temperature": "0 = greedy", "top_k": "0 = off, 1 = greedy", "top_p": "in (0, 1]",
+            "seed": "an integer below 2**32 - 1: the same seed, the same answer", "repeat_penalty": "> 0, 1 = off"}
+
+
+def check_sampling(sampling: dict) -> dict:
+    """The caller's sampling options, refused when unknown or out of range: a typo such
+    as `temprature=0` would otherwise be ignored and the answer silently sampled."""
+    unknown = sorted(set(sampling) - set(SAMPLING))
+    if unknown:
+        raise InputError(f"unknown sampling option {', '.join(unknown)}",
+                         "options: " + "; ".join(f"{k} ({v})" for k, v in SAMPLING.items()))
+    for key, value in sampling.items():
+        if value is None and key == "seed":
+            continue
+        integer = key in ("top_k", "seed")
+        ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+        ok = ok and {"temperature": lambda v: v >= 0, "top_k": lambda v: v >= 0, "top_p": lambda v: 0 < v <= 1,
+                     "seed": lambda v: 0 <= v < 0xFFFFFFFF, "repeat_penalty": lambda v: v > 0}[key](value)
+        if not ok:
+            raise InputError(f"sampling option {key}={value!r} is out of range", f"{key}: {SAMPLING[key]}")
+    return dict(sampling)
 
 
 def _answer_start(text: str, marker: str) -> int | None:

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
 from ..errors import InputError, UsageError
 from ..parity import (
-    compare,
-    concat,
     decisive_share,
     decisive_threshold,
     dice_scores,
@@ -29,9 +28,14 @@ DICE_GATES = {"fp32": 0.99, "fp16": 0.99, "bf16": 0.99, "int8": 0.95}
 
 
 class VolumePredictor(Predictor):
-    def segment(self, volume, tta: bool = False, batch_size: int = 2, progress=None):
+    def backend_options(self, art, name: str, threads, mode) -> dict:
+        return {**super().backend_options(art, name, threads, mode), **KIND.backend_options}
+
+    def segment(self, volume, tta: bool = False, batch_size: int = 1, progress=None):
         """A CT/MR volume (NIfTI path, DICOM series folder or io.volume.Volume) -> label
-        map on the input's grid (NIfTI voxel order) and the Volume it belongs to."""
+        map on the input's grid (NIfTI voxel order) and the Volume it belongs to. One
+        window per run by default: a second 128^3 window of 105 classes costs ~3 GB
+        (the backend's buffers, its output and the copy) for about the same speed on a CPU."""
         from ..io.volume import Volume, read_volume
         from ..runtime.volume import segment
         vol = volume if isinstance(volume, Volume) else read_volume(volume)
@@ -72,6 +76,9 @@ class VolumeKind(Kind):
     max_verify = 2
     raw_input = "volume"  # OIP: a NIfTI file (.nii / .nii.gz) or a zip of one DICOM series, as BYTES
     serve_merge = False   # whole volumes differ in shape: one request, one volume
+    parity_streams = True  # the exporter hands parity() the backend's windows one at a time (0.9 GB each)
+    # onnxruntime's arena would keep the peak of 3-D convolutions on 128^3 windows for the session's life
+    backend_options = MappingProxyType({"memory_arena": False})
 
     def checkpoint_options(self, weights):
         """nnU-Net keeps its plans beside the checkpoint as `<file>.pkl`."""
@@ -108,22 +115,10 @@ class VolumeKind(Kind):
 
     def parity(self, reference, candidate, gate, overrides, inputs):
         """Cosine of every window's logits (the gate), with the relative error and the
-        voxel agreement over all and over decisive voxels reported."""
-        ref, got = concat(reference), concat(candidate)
-        result = compare(ref, got, gates_for(gate, overrides))
-        for name in ref:
-            m = result["outputs"].get(name)
-            if m is None or ref[name].ndim <= 2:
-                continue
-            r, g = np.asarray(ref[name], np.float32), np.asarray(got[name], np.float32)  # windows are large
-            m["relative_error_max"] = max(float(np.linalg.norm(a - b) / max(float(np.linalg.norm(a)), 1e-30))
-                                          for a, b in zip(r, g))
-            agree = r.argmax(1) == g.argmax(1)
-            decisive = np.stack([top2_margin(w) > decisive_threshold(logit_scale(w), gate) for w in r])
-            m["voxel_agreement"] = float(agree.mean())
-            m["decisive_voxel_agreement"] = float(agree[decisive].mean()) if decisive.any() else 1.0
-            m["decisive_voxels"] = float(decisive.mean())
-        return result
+        voxel agreement over all and over decisive voxels reported; window by window
+        (kinds/volume_parity.py), so `candidate` may be a generator (parity_streams)."""
+        from .volume_parity import window_parity
+        return window_parity(reference, candidate, gate, gates_for(gate, overrides))
 
     def pipeline_reference(self, run_torch, pre, seed):
         """The phantom, its torch label map, and each voxel's reference top-1 / top-2
@@ -256,7 +251,7 @@ def _predict_volume(p, args, ui, src, fmt: str) -> dict:
         check_seg_source(vol)
     with Progress(console=ui.err, transient=True) as bar:
         task = bar.add_task(f"segmenting {Path(src).name}", total=None)
-        labels, vol = p.segment(vol, tta=args.tta, batch_size=args.batch_size or 2,
+        labels, vol = p.segment(vol, tta=args.tta, batch_size=args.batch_size or 1,
                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
     if fmt == "dicom-seg":
         p.write_dicom_seg(labels, vol, target, overwrite=args.overwrite)

@@ -20,18 +20,27 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import CheckpointError, InputError
-from .checkpoint import strip_prefix, unwrap
 from ..spec import ModelSpec, TensorSpec, embedding_output, logits_output
+from .checkpoint import strip_prefix, unwrap
 from .vit import VIT_SIZES, Attention, Mlp, PatchEmbed, _init_weights
 
 PRETRAIN_FRAMES = 8
 
 
 class DividedSpaceTimeBlock(nn.Module):
-    """TimeSformer 'divided_space_time' block, with the official parameter names."""
+    """TimeSformer 'divided_space_time' block, with the official parameter names.
+
+    The clip travels as CLS (B, 1, D) and patches (B*T, N, D), frame-major, with every size a
+    build-time constant. The official patch-major token order (`1 + n*T + t`) costs two
+    full-size transposes per block around the spatial attention, and sizes read off the
+    input export as Shape -> Gather -> Concat chains; here the temporal attention's head
+    split (a permute it needs anyway) does the regrouping. Token order is internal: only
+    CLS leaves the model, so the last block computes only what CLS needs (`cls_only`)."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6):
         super().__init__()
+        self.dim, self.heads = dim, heads
+        self.scale = (dim // heads) ** -0.5
         self.temporal_norm1 = nn.LayerNorm(dim, eps=eps)
         self.temporal_attn = Attention(dim, heads)
         self.temporal_fc = nn.Linear(dim, dim)
@@ -40,26 +49,46 @@ class DividedSpaceTimeBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, frames: int):
-        b, length, d = x.shape
-        n = (length - 1) // frames
-        cls, patches = x[:, :1], x[:, 1:]
-        # Temporal: every patch position attends over its T frames.
-        res = self.temporal_attn(self.temporal_norm1(patches.reshape(b * n, frames, d)))
-        xt = patches + self.temporal_fc(res.reshape(b, n * frames, d))
-        # Spatial: every frame attends over its N patches plus its own copy of CLS.
-        xs = xt.reshape(b, n, frames, d).transpose(1, 2).reshape(b * frames, n, d)
-        cls_per_frame = cls.expand(b, frames, d).reshape(b * frames, 1, d)
-        res = self.attn(self.norm1(torch.cat([cls_per_frame, xs], dim=1)))
-        res_cls = res[:, :1].reshape(b, frames, d).mean(dim=1, keepdim=True)
-        res_patches = (
-            res[:, 1:]
-            .reshape(b, frames, n, d)
-            .transpose(1, 2)
-            .reshape(b, n * frames, d)
-        )
-        x = torch.cat([cls + res_cls, xt + res_patches], dim=1)
-        return x + self.mlp(self.norm2(x))
+    def attend(self, q, k, v):
+        """softmax(q k^T / sqrt(dh)) v, the scale folded into q as in vit.Attention."""
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
+    def project(self, attn: Attention, x, part: int):
+        """One of q, k, v (part 0, 1, 2) from the official fused `qkv` weight. Three
+        projections instead of one fused output: a (.., 3, heads, dh) reshape + permute +
+        Gather ahead of the attention kept OpenVINO from fusing it and, in INT8, left a
+        quantize-convert on the 6-D tensor that cost more than the projection itself."""
+        d = self.dim
+        rows = slice(part * d, (part + 1) * d)
+        return F.linear(x, attn.qkv.weight[rows], attn.qkv.bias[rows])
+
+    def temporal(self, patches, frames: int, n: int):
+        """Every patch position attends over its T frames."""
+        d, h = self.dim, self.heads
+        x = self.temporal_norm1(patches)  # (B*T, N, D)
+        q, k, v = (self.project(self.temporal_attn, x, i).reshape(-1, frames, n, h, d // h).permute(0, 2, 3, 1, 4)
+                   for i in range(3))  # (B, N, H, T, dh)
+        out = self.attend(q, k, v).permute(0, 3, 1, 2, 4).reshape(-1, n, d)
+        return patches + self.temporal_fc(self.temporal_attn.proj(out))
+
+    def spatial(self, cls, patches, frames: int, n: int, cls_only: bool):
+        """Every frame attends over its N patches plus its own copy of CLS; the CLS copies'
+        results are averaged over the frames. cls_only: queries from the CLS rows alone."""
+        d, h = self.dim, self.heads
+        x = self.norm1(torch.cat([cls.expand(-1, frames, -1).reshape(-1, 1, d), patches], dim=1))
+        rows = 1 if cls_only else n + 1
+        q = self.project(self.attn, x[:, :1] if cls_only else x, 0).reshape(-1, rows, h, d // h).transpose(1, 2)
+        k, v = (self.project(self.attn, x, i).reshape(-1, n + 1, h, d // h).transpose(1, 2) for i in (1, 2))
+        res = self.attn.proj(self.attend(q, k, v).transpose(1, 2).reshape(-1, rows, d))
+        cls = cls + res[:, :1].reshape(-1, frames, d).mean(dim=1, keepdim=True)
+        return cls, (None if cls_only else patches + res[:, 1:])
+
+    def forward(self, cls, patches, frames: int, n: int, cls_only: bool = False):
+        """(cls, patches) -> (cls, patches); patches is None after a cls_only block."""
+        patches = self.temporal(patches, frames, n)
+        cls, patches = self.spatial(cls, patches, frames, n, cls_only)
+        cls = cls + self.mlp(self.norm2(cls))
+        return cls, (None if cls_only else patches + self.mlp(self.norm2(patches)))
 
 
 class TimeSformer(nn.Module):
@@ -82,8 +111,9 @@ class TimeSformer(nn.Module):
         num_classes=0,
     ):
         super().__init__()
-        self.num_frames = num_frames
+        self.num_frames, self.img_size, self.dim = num_frames, img_size, dim
         grid = img_size // patch
+        self.tokens = grid * grid
         self.patch_embed = PatchEmbed(patch, 3, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim))
@@ -102,37 +132,36 @@ class TimeSformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
-        for (
-            block
-        ) in self.blocks:  # the original starts every temporal branch as a no-op
+        for block in self.blocks:  # the original starts every temporal branch as a no-op
             nn.init.zeros_(block.temporal_fc.weight)
             nn.init.zeros_(block.temporal_fc.bias)
 
     def features(self, video):
-        b, c, t, h, w = video.shape
-        if (
-            not torch.jit.is_tracing() and t != self.num_frames
-        ):  # traced sizes are tensors
-            raise InputError(
-                f"Endo-FM was built for {self.num_frames}-frame clips, got {t} frames",
-                f"build it with num_frames={t}, or sample {self.num_frames} frames per clip",
-            )
-        x = self.patch_embed(
-            video.transpose(1, 2).reshape(b * t, c, h, w)
-        )  # (B*T, N, D)
-        n, d = x.shape[1], x.shape[2]
+        """Sizes come from the build, not from `video.shape`: the exported graph then holds
+        constant reshapes (only the batch is left to the runtime)."""
+        t, n, d, size = self.num_frames, self.tokens, self.dim, self.img_size
+        if not torch.jit.is_tracing():  # traced sizes are tensors
+            self.check_clip(video.shape)
+        frames = video.transpose(1, 2).reshape(-1, 3, size, size)
+        x = self.patch_embed.proj(frames).reshape(-1, d, n).transpose(1, 2)  # (B*T, N, D)
         x = x + self.pos_embed[:, 1:]
-        time = (
-            self.time_embed[:, self.time_index] if self.resize_time else self.time_embed
-        )
-        x = (x.reshape(b, t, n, d).transpose(1, 2) + time.unsqueeze(1)).reshape(
-            b, n * t, d
-        )
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        for block in self.blocks:
-            x = block(x, t)
-        return self.norm(x)[:, 0]
+        time = self.time_embed[:, self.time_index] if self.resize_time else self.time_embed
+        patches = (x.reshape(-1, t, n, d) + time.reshape(1, t, 1, d)).reshape(-1, n, d)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(video.shape[0], -1, -1)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            cls, patches = block(cls, patches, t, n, cls_only=i == last)
+        return self.norm(cls)[:, 0]
+
+    def check_clip(self, shape):
+        t, size = self.num_frames, self.img_size
+        if len(shape) != 5 or shape[2] != t:
+            got, n = (f"{shape[2]} frames", shape[2]) if len(shape) == 5 else (f"shape {tuple(shape)}", "N")
+            raise InputError(f"Endo-FM was built for {t}-frame clips, got {got}",
+                             f"build it with num_frames={n}, or sample {t} frames per clip")
+        if tuple(shape[1:]) != (3, t, size, size):
+            raise InputError(f"Endo-FM takes (batch, 3, {t}, {size}, {size}) clips, got {tuple(shape)}",
+                             f"resize and crop the frames to {size}x{size} RGB")
 
     def forward(self, video):
         feats = self.features(video)

@@ -36,18 +36,30 @@ class Sam(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(SAM_STD).view(-1, 1, 1), persistent=False)
 
     def forward(self, pixel_values):
-        """Normalised, padded image -> embedding (the first graph; what `bench` times)."""
-        return {"image_embeddings": self.image_encoder(pixel_values)}
+        """Normalised, padded image -> embedding, and the decoder's image-side projections
+        that no prompt changes (the first graph, run once per image; what `bench` times)."""
+        emb = self.image_encoder(pixel_values)
+        return {"image_embeddings": emb, **self.mask_decoder.image_side(emb, self.prompt_encoder.dense_pe(),
+                                                                        self._dense())}
 
-    def decode(self, image_embeddings, point_coords, point_labels):
+    def _dense(self):
+        return self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+
+    def decode(self, image_embeddings, point_coords, point_labels, image_side=None):
+        """The official decoder; `image_side` (from forward) skips recomputing its part."""
         sparse = self.prompt_encoder.embed_points(point_coords, point_labels)
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        masks, iou = self.mask_decoder(image_embeddings, self.prompt_encoder.dense_pe(), sparse, dense)
+        masks, iou = self.mask_decoder(image_embeddings, self.prompt_encoder.dense_pe(), sparse, self._dense(),
+                                       image_side)
         return {"low_res_masks": masks, "iou_predictions": iou}
+
+    def decode_cached(self, image_embeddings, image_q, image_k, image_v, point_coords, point_labels):
+        """The decoder graph: prompts against one image's cached encoder outputs."""
+        side = {"image_q": image_q, "image_k": image_k, "image_v": image_v}
+        return self.decode(image_embeddings, point_coords, point_labels, side)
 
     def graph_modules(self) -> dict:
         """One module per GraphSpec role (the exporters' multi-graph protocol)."""
-        return {"encoder": _Graph(self, "forward"), "decoder": _Graph(self, "decode")}
+        return {"encoder": _Graph(self, "forward"), "decoder": _Graph(self, "decode_cached")}
 
 
 class _Graph(nn.Module):
@@ -76,22 +88,27 @@ def remap(raw):
 
 def _tensors():
     """Spatial sizes are None: the variant fixes them, the manifest records the real ones."""
+    side = tuple(TensorSpec(f"image_{p}", "NLC", shape=(1, None, None),
+                            description=f"first decoder block's {what} of the image tokens, once per image")
+                 for p, what in (("q", "image->token query projection"), ("k", "token->image key projection"),
+                                 ("v", "token->image value projection")))
     return (
         (TensorSpec("pixel_values", "NCHW", shape=(1, 3, None, None),
                     description="RGB resized (longest side) and zero-padded, normalised"),
-         TensorSpec("image_embeddings", "NCHW", shape=(1, None, None, None)),
+         TensorSpec("image_embeddings", "NCHW", shape=(1, None, None, None)), *side,
          TensorSpec("point_coords", "NLC", shape=(None, None, 2), dynamic={0: "prompts", 1: "points"},
                     description="x, y in the padded model frame; a box is 2 points"),
          TensorSpec("point_labels", "NL", shape=(None, None), dynamic={0: "prompts", 1: "points"},
                     description="0 negative, 1 positive, 2/3 box corners, -1 padding")),
-        (TensorSpec("image_embeddings", "NCHW", shape=(1, None, None, None)),
+        (TensorSpec("image_embeddings", "NCHW", shape=(1, None, None, None)), *side,
          TensorSpec("low_res_masks", "NCHW", shape=(None, 4, None, None), dynamic={0: "prompts"},
                     description="mask logits; 0 single-mask, 1..3 multimask"),
          TensorSpec("iou_predictions", "NC", shape=(None, 4), dynamic={0: "prompts"})))
 
 
-GRAPHS = (GraphSpec("encoder", ("pixel_values",), ("image_embeddings",)),
-          GraphSpec("decoder", ("image_embeddings", "point_coords", "point_labels"),
+SIDE = ("image_q", "image_k", "image_v")
+GRAPHS = (GraphSpec("encoder", ("pixel_values",), ("image_embeddings", *SIDE)),
+          GraphSpec("decoder", ("image_embeddings", *SIDE, "point_coords", "point_labels"),
                     ("low_res_masks", "iou_predictions"), quantize="if-passes"))
 PREPROCESS = {"color": "RGB", "grayscale": "replicate", "alpha": "drop", "resize": "longest_side",
               "interpolation": "bilinear", "pad": "bottom_right", "mean": SAM_MEAN, "std": SAM_STD,

@@ -22,7 +22,8 @@ from ..errors import InputError
 from .security import inflate
 
 _DONE = object()
-SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k"}
+SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+            "repeat_penalty": "repeat_penalty"}
 
 
 def parse_chat(body: dict) -> dict:

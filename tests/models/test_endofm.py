@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import omedge.models as models
+from omedge import models
 from omedge.errors import CheckpointError, InputError
 from omedge.exporters.onnx import export_onnx
 from omedge.models import endofm
-from tests.conftest import spec_io  # noqa: E402
+from tests.conftest import spec_io
 
 SPEC = endofm.SPECS[0]
 CLIP = (1, 3, 8, 224, 224)
@@ -172,3 +172,38 @@ def test_full_size_parameter_count():
         model = SPEC.build("B")
     assert abs(sum(p.numel() for p in model.parameters()) - 121.3e6) / 121.3e6 < 0.01
     assert model.time_embed.shape == (1, 8, 768) and model.pos_embed.shape == (1, 197, 768)
+
+
+def test_wrong_clip_size_is_refused():
+    model = models.build(SPEC, "tiny")
+    with pytest.raises(InputError, match=r"\(batch, 3, 8, 224, 224\) clips, got \(1, 3, 8, 112, 112\)"):
+        model(torch.zeros(1, 3, 8, 112, 112))
+
+
+def test_last_block_cls_only_equals_full_block():
+    """The last block computes only what CLS needs; CLS must come out as from the full block."""
+    model = endofm.build("tiny").eval()
+    model.load_state_dict(backbone_sd(seed=7), strict=True)
+    block, t, n = model.blocks[-1], model.num_frames, model.tokens
+    cls, patches = torch.randn(2, 1, 64), torch.randn(2 * t, n, 64)
+    with torch.no_grad():
+        full_cls, full_patches = block(cls, patches, t, n)
+        got_cls, got_patches = block(cls, patches, t, n, cls_only=True)
+    assert got_patches is None and full_patches.shape == patches.shape
+    torch.testing.assert_close(got_cls, full_cls, atol=1e-5, rtol=1e-5)
+
+
+def test_exported_graph_is_static_apart_from_batch(tmp_path):
+    """Issue #16: sizes read off the input became Shape -> Gather -> Concat chains (153 Shape
+    nodes at full size) and a 6-D qkv reshape + permute kept OpenVINO from fusing the attention
+    (INT8 1.6x slower). Every Reshape target is now a constant and no tensor passes rank 5."""
+    import onnx
+    model = endofm.build("tiny", num_classes=2).eval()
+    path = tmp_path / "endofm.onnx"
+    export_onnx(model, torch.randn(CLIP), path, *spec_io(SPEC, ["embedding", "logits"]))
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    reshapes = [n for n in graph.node if n.op_type == "Reshape"]
+    assert reshapes and all(n.input[1] in constants for n in reshapes)
+    assert sum(n.op_type == "Shape" for n in graph.node) <= 2  # the batch, for the CLS token's expand
+    assert max(len(v.type.tensor_type.shape.dim) for v in graph.value_info) <= 5

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the 'llm' extra) is needed for PULSE")
-import gguf  # noqa: E402
+import gguf
 
-import omedge  # noqa: E402
-from tests.conftest import manifest_dict as read_manifest  # noqa: E402
-from omedge.errors import CheckpointError, InputError, ParityError, UsageError  # noqa: E402
-from omedge.exporters import gguf as conv  # noqa: E402
-from omedge.exporters.llm import export_llm  # noqa: E402
-from tests.pulse_folders import tiny_bloom, tiny_llama  # noqa: E402
+import omedge
+from omedge.errors import CheckpointError, InputError, ParityError, UsageError
+from omedge.exporters import gguf as conv
+from omedge.exporters.llm import export_llm
+from tests.conftest import manifest_dict as read_manifest
+from tests.pulse_folders import tiny_bloom, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_q4_k_m_bundle(q4_bundle, bloom_dir):
     types = {t.tensor_type.name for t in reader.tensors}
     assert "Q4_K" in types  # K-quants really exercised (rows are multiples of 256)
     fields = reader.fields
-    text = lambda k: bytes(fields[k].parts[-1]).decode()  # noqa: E731
+    text = lambda k: bytes(fields[k].parts[-1]).decode()
     assert "AGPL-3.0" in text("general.license") and text("general.architecture") == "bloom"
     assert "Helper: " in text("tokenizer.chat_template") and text("tokenizer.ggml.pre") == "bloom"
 
@@ -105,6 +105,16 @@ def test_runtime_generate_chat_stream_describe(q4_bundle):
     assert isinstance(p.chat(history, max_tokens=8, mode="qa"), str)
 
 
+def test_sampled_answers_follow_the_seed_streamed_or_not(q4_bundle):
+    p = omedge.load(q4_bundle)
+    hot = {"temperature": 1.2, "top_k": 0, "top_p": 1.0}
+    a = p.generate("头痛三天怎么办？", max_tokens=16, seed=11, **hot)
+    assert "".join(p.generate("头痛三天怎么办？", max_tokens=16, stream=True, seed=11, **hot)).strip() == a
+    assert any(p.generate("头痛三天怎么办？", max_tokens=16, seed=s, **hot) != a for s in (12, 13, 14))
+    with pytest.raises(InputError, match="temprature"):
+        p.generate("头痛三天怎么办？", max_tokens=4, temprature=0)
+
+
 def test_prompt_tokens_follow_the_official_demo(q4_bundle, bloom_dir):
     from transformers import AutoTokenizer
     p = omedge.load(q4_bundle)
@@ -112,8 +122,8 @@ def test_prompt_tokens_follow_the_official_demo(q4_bundle, bloom_dir):
     eos = tok.convert_tokens_to_ids("</s>")
     msgs = [{"role": "user", "content": "头痛三天怎么办？"}]
     expected = []
-    for seg in ["Instructions: You are Helper, a large language model full of intelligence. Respond "
-                "conversationally.", "User: 头痛三天怎么办？"]:
+    for seg in [("Instructions: You are Helper, a large language model full of intelligence. Respond "
+                 "conversationally."), "User: 头痛三天怎么办？"]:
         expected += tok(seg, add_special_tokens=False)["input_ids"] + [eos]
     expected += tok("Helper: ", add_special_tokens=False)["input_ids"][:1]
     assert p.prompt_tokens(msgs) == expected
@@ -181,7 +191,7 @@ def test_not_enough_disk_and_interrupted_export_leave_nothing(tmp_path, bloom_di
     import shutil
     from collections import namedtuple
 
-    import omedge.exporters.llm as llm
+    from omedge.exporters import llm
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(10**9, 10**9, 10))
     with pytest.raises(omedge.errors.ExportError, match="not enough disk space.*MB needed"):
@@ -194,7 +204,7 @@ def test_not_enough_disk_and_interrupted_export_leave_nothing(tmp_path, bloom_di
 
 
 def test_parity_failure_is_refused(tmp_path, bloom_dir, monkeypatch):
-    import omedge.exporters.llm as llm
+    from omedge.exporters import llm
     monkeypatch.setitem(llm.GATES, "Q8_0", 1.01)
     with pytest.raises(ParityError, match="failed its parity gate"):
         export_llm("pulse", bloom_dir, quant="Q8_0", out=tmp_path / "x")
@@ -205,12 +215,14 @@ def test_missing_llama_cpp_names_the_extra(q4_bundle):
     code = ("import sys; sys.modules['llama_cpp'] = None; import omedge\n"
             "from omedge.errors import BackendUnavailableError\n"
             "try:\n    omedge.load(sys.argv[1])\nexcept BackendUnavailableError as e:\n    print(e)")
-    r = subprocess.run([sys.executable, "-c", code, str(q4_bundle)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, str(q4_bundle)], capture_output=True, text=True,
+                       check=False)
     assert "omedge[llm]" in r.stdout, r.stdout + r.stderr[-2000:]
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "omedge.cli", *map(str, args)], capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, "-m", "omedge.cli", *map(str, args)], capture_output=True, text=True,
+                          check=False, **kw)
 
 
 def test_cli_export_predict_chat(tmp_path, bloom_dir):
@@ -232,7 +244,7 @@ def test_cli_export_predict_chat(tmp_path, bloom_dir):
 def test_devices_warns_about_a_native_amx_build(monkeypatch):
     import omedge.runtime.backends.llama as backend
     with monkeypatch.context() as m:
-        m.setattr(backend, "cpu_variants", lambda: [])  # a static (native) build, whatever is installed
+        m.setattr(backend, "cpu_variants", list)  # a static (native) build, whatever is installed
         m.setattr(backend, "system_info", lambda: "CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 1 | OPENMP = 1")
         assert "SIGILL" in backend.amx_risk() and "GGML_NATIVE=OFF" in backend.amx_risk()
         m.setattr(backend, "system_info", lambda: "CPU : SSE3 = 1 | AVX2 = 1 | OPENMP = 1")

@@ -132,3 +132,39 @@ def test_box_prompt_embedding_is_the_official_corner_embedding():
     torch.testing.assert_close(got, want)
     pad = pe.embed_points(torch.zeros(1, 1, 2), torch.tensor([[-1.0]]))
     torch.testing.assert_close(pad[0, 0], pe.not_a_point_embed.weight[0])
+
+
+def test_decoder_graph_with_the_cached_image_side_equals_the_official_decoder(tmp_path):
+    """The decoder graph reuses the first block's image projections computed by the encoder
+    graph (once per image): the same masks and scores as recomputing them per prompt."""
+    torch.save(official_state_dict("sam", "tiny", seed=5), tmp_path / "sam.pth")
+    model = models.load(models.get_spec("sam"), tmp_path / "sam.pth")[0].eval()
+    x = torch.from_numpy(prepare_image(np.random.default_rng(0).integers(0, 255, (96, 128, 3), np.uint8),
+                                       {"image_size": 128, "mean": SAM_MEAN, "std": SAM_STD})[0])
+    coords, labels = prompt_arrays((96, 128), (96, 128), boxes=[[10, 12, 80, 70], [30, 5, 120, 90]],
+                                   points=[[40, 40]], point_labels=[0])
+    with torch.no_grad():
+        enc = model(x)
+        official = model.decode(enc["image_embeddings"], torch.from_numpy(coords), torch.from_numpy(labels))
+        cached = model.graph_modules()["decoder"](enc["image_embeddings"], enc["image_q"], enc["image_k"],
+                                                  enc["image_v"], torch.from_numpy(coords), torch.from_numpy(labels))
+    assert enc["image_k"].shape == (1, 64, 16)  # the tiny grid 8 x 8, internal width 32 // 2
+    for name in ("low_res_masks", "iou_predictions"):
+        torch.testing.assert_close(cached[name], official[name], rtol=1e-5, atol=1e-5)
+    assert official["low_res_masks"].shape[0] == 2 and official["low_res_masks"].abs().max() > 0
+
+
+def test_channels_last_upscaling_equals_the_official_transposed_convolutions():
+    """The decoder's output_upscaling (ConvTranspose2d, LayerNorm2d, GELU, ConvTranspose2d,
+    GELU on NCHW) and the hypernetwork product, as written for export (matmuls, channels
+    last): the same masks, pixel for pixel."""
+    dec = models.build(models.get_spec("sam"), "tiny", seed=2).mask_decoder
+    for p in dec.output_upscaling.parameters():  # LayerNorm affine and biases away from 1 / 0
+        torch.nn.init.normal_(p, 0.0, 0.5)
+    g = torch.Generator().manual_seed(0)
+    tokens, hyper = torch.randn(2, 8 * 6, 32, generator=g), torch.randn(2, 4, 4, generator=g)
+    with torch.no_grad():
+        up = dec.output_upscaling(tokens.transpose(1, 2).reshape(2, 32, 8, 6))
+        official = (hyper @ up.reshape(2, 4, -1)).reshape(2, 4, 32, 24)
+        got = dec.masks_channels_last(tokens, hyper, 8, 6)
+    torch.testing.assert_close(got, official, rtol=1e-5, atol=1e-5)

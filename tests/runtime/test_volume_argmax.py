@@ -5,7 +5,13 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from omedge.runtime.volume import class_argmax, sliding_argmax, sliding_window
+from omedge.parity import decisive_threshold, dice_scores, logit_scale, top2_margin
+from omedge.runtime.volume import (
+    FP16_SAFE,
+    class_argmax,
+    sliding_argmax,
+    sliding_window,
+)
 
 K = 12
 
@@ -38,7 +44,7 @@ def test_accumulator_is_one_patch_deep():
     patch = (16, 48, 48)
     peaks = []
     for fn in (lambda: class_argmax(sliding_window(x, fake_net, patch, 0.5)),
-               lambda: sliding_argmax(x, fake_net, patch, 0.5)):
+               lambda: sliding_argmax(x, fake_net, patch, 0.5, accumulator=np.float32)):
         tracemalloc.start()
         fn()
         peaks.append(tracemalloc.get_traced_memory()[1])
@@ -46,3 +52,43 @@ def test_accumulator_is_one_patch_deep():
     full = K * 256 * 48 * 48 * 4
     assert peaks[0] > full
     assert peaks[1] < peaks[0] - 0.8 * full and peaks[1] < peaks[0] / 2, peaks
+
+
+def test_float16_sums_keep_every_decisive_voxel():
+    """The float16 accumulator (as nnU-Net v2's) against the exact float32 path on a net
+    made of near-ties: a voxel may change only where the top-2 logits are within fp16's
+    decisive margin (1% of the logit scale), and fewer than 0.5% of voxels do."""
+    x = np.random.default_rng(2).normal(size=(1, 70, 40, 36)).astype(np.float32)
+    patch, step = (24, 16, 16), 0.5
+    logits = sliding_window(x, fake_net, patch, step)
+    exact = class_argmax(logits)
+    half = sliding_argmax(x, fake_net, patch, step, accumulator=np.float16)
+    decisive = top2_margin(logits) > decisive_threshold(logit_scale(logits), "fp16")
+    assert decisive.mean() > 0.9
+    np.testing.assert_array_equal(half[decisive], exact[decisive])
+    assert (half != exact).mean() < 0.005
+    assert min(dice_scores(exact, half).values()) > 0.99
+
+
+def test_large_logits_are_summed_in_float32():
+    """Logits past FP16_SAFE would overflow float16 (inf, then any class): the accumulator
+    widens and the labels stay those of the float32 path."""
+    def loud(batch):
+        return fake_net(batch) * np.float32(3 * FP16_SAFE)
+    x = np.random.default_rng(3).normal(size=(1, 40, 30, 30)).astype(np.float32)
+    want = sliding_argmax(x, loud, (16, 16, 16), 0.5, accumulator=np.float32)
+    dice = dice_scores(want, sliding_argmax(x, loud, (16, 16, 16), 0.5, accumulator=np.float16))
+    assert len(dice) >= 3 and min(dice.values()) > 0.999, dice
+
+
+def test_float16_accumulator_halves_the_accumulator():
+    x = np.random.default_rng(1).normal(size=(1, 64, 96, 96)).astype(np.float32)
+    patch = (32, 96, 96)
+    peaks = []
+    for dtype in (np.float32, np.float16):
+        tracemalloc.start()
+        sliding_argmax(x, fake_net, patch, 0.5, batch_size=1, accumulator=dtype)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    acc32 = K * 32 * 96 * 96 * 4
+    assert peaks[0] - peaks[1] > 0.4 * acc32, (peaks, acc32)

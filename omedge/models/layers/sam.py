@@ -178,16 +178,29 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
         self.out_proj = nn.Linear(inner, dim)
 
-    def _split(self, x):
+    def _split(self, x, layer=None):
+        """(b, n, c) -> (b, heads, n, c / heads), through `layer` first if given."""
         b, n, c = x.shape
+        if layer is not None:
+            x, c = linear_2d(layer, x), layer.out_features
         return x.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
 
-    def forward(self, q, k, v):
-        q, k, v = self._split(self.q_proj(q)), self._split(self.k_proj(k)), self._split(self.v_proj(v))
+    def forward(self, q, k, v, projected: str = ""):
+        """projected: which of q/k/v ("qkv" letters) are given already through their
+        projection (the image side of the first block, computed once per image)."""
+        q = self._split(q, None if "q" in projected else self.q_proj)
+        k = self._split(k, None if "k" in projected else self.k_proj)
+        v = self._split(v, None if "v" in projected else self.v_proj)
         attn = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
         out = attn.softmax(dim=-1) @ v
         b, h, n, c = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
+        return linear_2d(self.out_proj, out.transpose(1, 2).reshape(b, n, h * c))
+
+
+def linear_2d(layer: nn.Linear, x):
+    """A Linear on (b, n, c) as one (b*n, c) matmul: exported as Gemm with the bias fused
+    (a 3-D MatMul + Add re-reads the 4096 image tokens once more per projection)."""
+    return F.linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias).reshape(*x.shape[:-1], layer.out_features)
 
 
 class TwoWayBlock(nn.Module):
@@ -200,18 +213,35 @@ class TwoWayBlock(nn.Module):
         self.mlp = MLPBlock(dim, mlp_dim, nn.ReLU)
         self.norm1, self.norm2, self.norm3, self.norm4 = (nn.LayerNorm(dim) for _ in range(4))
 
-    def forward(self, queries, keys, query_pe, key_pe):
+    def image_side(self, keys, key_pe) -> dict:
+        """The projections of the image tokens that no prompt changes in the first block:
+        (keys + pe) -> k and keys -> v of token->image, (keys + pe) -> q of image->token."""
+        k = keys + key_pe
+        return {"image_k": self.cross_attn_token_to_image.k_proj(k),
+                "image_v": self.cross_attn_token_to_image.v_proj(keys),
+                "image_q": self.cross_attn_image_to_token.q_proj(k)}
+
+    def forward(self, queries, keys, query_pe, key_pe, image_side: dict | None = None):
+        """image_side: `image_side(keys, key_pe)` computed beforehand (first block only)."""
         if self.skip_first_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
-        q, k = queries + query_pe, keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        q = queries + query_pe
+        if image_side is None:
+            k = keys + key_pe  # the keys do not change before the image->token attention below
+            queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        else:
+            attn = self.cross_attn_token_to_image(q, image_side["image_k"], image_side["image_v"], "kv")
+            queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
-        q, k = queries + query_pe, keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        q = queries + query_pe
+        if image_side is None:
+            keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        else:
+            keys = self.norm4(keys + self.cross_attn_image_to_token(image_side["image_q"], q, queries, "q"))
         return queries, keys
 
 
@@ -222,11 +252,11 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = Attention(dim, heads, 2)
         self.norm_final_attn = nn.LayerNorm(dim)
 
-    def forward(self, image, image_pe, tokens):
+    def forward(self, image, image_pe, tokens, image_side: dict | None = None):
         keys, key_pe = image.flatten(2).permute(0, 2, 1), image_pe.flatten(2).permute(0, 2, 1)
         queries = tokens
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, tokens, key_pe)
+        for i, layer in enumerate(self.layers):
+            queries, keys = layer(queries, keys, tokens, key_pe, image_side if i == 0 else None)
         q, k = queries + tokens, keys + key_pe
         return self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys)), keys
 
@@ -257,17 +287,44 @@ class MaskDecoder(nn.Module):
         self.output_hypernetworks_mlps = nn.ModuleList(MLP(dim, dim, dim // 8, 3) for _ in range(n_masks))
         self.iou_prediction_head = MLP(dim, dim, n_masks, 3)
 
-    def forward(self, image, image_pe, sparse, dense):
+    def image_side(self, image, image_pe, dense) -> dict:
+        """The first block's prompt-independent projections of one image (batch 1): a third
+        of the decoder's matmul work, done once per image instead of once per prompt."""
+        keys, key_pe = (image + dense).flatten(2).permute(0, 2, 1), image_pe.flatten(2).permute(0, 2, 1)
+        return self.transformer.layers[0].image_side(keys, key_pe)
+
+    def forward(self, image, image_pe, sparse, dense, image_side: dict | None = None):
         """All 4 masks and scores; the run side picks 0 (single) or 1..3 (multimask)."""
         b = sparse.shape[0]
+        if image_side is not None:
+            image_side = {k: v.expand(b, -1, -1) for k, v in image_side.items()}
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])[None].expand(b, -1, -1)
         tokens = torch.cat([out_tokens, sparse], dim=1)
         src = image.expand(b, -1, -1, -1) + dense
         pos = image_pe.expand(b, -1, -1, -1)
         _, c, h, w = src.shape
-        hs, src = self.transformer(src, pos, tokens)
-        up = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hs, src = self.transformer(src, pos, tokens, image_side)
         hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
-        _, cu, hu, wu = up.shape
-        masks = (hyper @ up.reshape(b, cu, hu * wu)).reshape(b, self.n_masks, hu, wu)
-        return masks, self.iou_prediction_head(hs[:, 0])
+        return self.masks_channels_last(src, hyper, h, w), self.iou_prediction_head(hs[:, 0])
+
+    def masks_channels_last(self, tokens, hyper, h: int, w: int):
+        """output_upscaling + the hypernetwork product on (b, h*w, c) tokens, channels last:
+        a 2x2 stride-2 transposed convolution is one matmul per pixel (its 4 outputs side by
+        side), the channel LayerNorm a plain LayerNorm on the last axis; pixels are put in
+        place once, on the 4-channel masks (ConvTranspose and NCHW transposes of the 256-
+        channel map cost a third of the decoder on onnxruntime)."""
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        b = tokens.shape[0]
+        x = act1(F.layer_norm(_deconv2x2(up1, tokens), (up1.out_channels,), norm.weight, norm.bias, norm.eps))
+        x = act2(_deconv2x2(up2, x))                               # (b, h*w*16, c2), pixel order i j di dj ei ej
+        m = (x @ hyper.transpose(1, 2)).reshape(b, h, w, 2, 2, 2, 2, self.n_masks)
+        return m.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, self.n_masks, 4 * h, 4 * w)
+
+
+def _deconv2x2(conv: nn.ConvTranspose2d, x):
+    """ConvTranspose2d(kernel 2, stride 2) on (b, pixels, in) -> (b, pixels * 4, out): the
+    weight (in, out, 2, 2) as (in, [di, dj, out])."""
+    cin, cout = conv.in_channels, conv.out_channels
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout)
+    y = F.linear(x.reshape(-1, cin), weight.t(), conv.bias.repeat(4))
+    return y.reshape(x.shape[0], -1, cout)
