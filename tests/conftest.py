@@ -4,6 +4,7 @@ omedge must never need the network."""
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 
 import numpy as np
@@ -20,6 +21,12 @@ def pytest_configure(config):
     import os
     import tempfile
     os.environ["OMEDGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="omedge-test-cache-")
+    # A shell that starts the run in the background (`cmd &` without job control) hands
+    # every child SIGINT ignored, and an ignored signal survives exec: the Ctrl-C tests'
+    # CLIs would never see their KeyboardInterrupt. Python's own handler here becomes the
+    # default disposition in each exec'd child, as under an interactive shell.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
