@@ -72,6 +72,8 @@ def main():
     ap.add_argument("--variant", default="official", help="official (MedLAM + SAM ViT-B) or tiny")
     ap.add_argument("--shape", default="512,512,100")
     ap.add_argument("--spacing", default="0.8,0.8,2.5", help="mm; the organs span about 8 slices each")
+    ap.add_argument("--workdir", help="keep the inputs and the bundle here, and reuse them on the next run")
+    ap.add_argument("--export-only", action="store_true", help="make the inputs and the bundle, time nothing")
     args = ap.parse_args()
     if args.child:
         return child(*args.child, args.threads)
@@ -79,17 +81,23 @@ def main():
     from omedge.devices import cpu_info
     from omedge.medlsam_phantom import phantom, save, support_folder
     with tempfile.TemporaryDirectory(prefix="medlsam-bench-") as tmp:
-        work = Path(tmp)
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         shape = tuple(int(v) for v in args.shape.split(","))
         spacing = tuple(float(v) for v in args.spacing.split(","))
-        ct, labels = phantom(shape=shape, spacing=spacing, seed=1)
-        query = save(work / "query.nii.gz", ct.data, ct.affine)
-        support = support_folder(work / "support", n=2)
-        t = time.perf_counter()
-        bundle = omedge.export("medlsam", random_weights=True, variant=args.variant, formats=(args.format,),
-                               precision=args.precision, calib="synthetic" if args.precision == "int8" else None,
-                               verify_size=3, out=work / "medlsam.omedge", log=print)
-        print(f"export: {time.perf_counter() - t:.0f} s")
+        query, support, bundle = work / "query.nii.gz", work / "support", work / "medlsam.omedge"
+        if not (query.exists() and support.exists()):
+            ct, labels = phantom(shape=shape, spacing=spacing, seed=1)
+            query = save(query, ct.data, ct.affine)
+            support = support_folder(support, n=2)
+        if not (bundle / "manifest.json").exists():
+            t = time.perf_counter()
+            bundle = omedge.export("medlsam", random_weights=True, variant=args.variant, formats=(args.format,),
+                                   precision=args.precision, calib="synthetic" if args.precision == "int8" else None,
+                                   verify_size=3, out=bundle, log=print)
+            print(f"export: {time.perf_counter() - t:.0f} s")
+        if args.export_only:
+            return
         rows = {side: run_side(side, bundle, query, support, work / f"{side}.npy", args.threads)
                 for side in ("omedge", "torch")}
         cpu = cpu_info()

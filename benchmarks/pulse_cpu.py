@@ -13,7 +13,7 @@ be downloaded here):
 
 Not measured here: a `-march=native` llama.cpp build (building one costs 10+ minutes of
 both cores of this machine), so prompt processing is compared with this dispatch build's
-best variant; and the 7B-shaped figure (the HF folder alone needs 14 GB of disk).
+best variant. The 7B-shaped figure is benchmarks/pulse_7b_cpu.py.
 """
 import argparse
 import json
@@ -221,7 +221,7 @@ def print_loop(r: dict):
           f"(same build) -> {r['prompt_ratio']:.1%} (target 90% of native)")
     print("native -march=native build: NOT measured (building it costs 10+ min of both cores here); prompt "
           f"processing compared with this dispatch build's best variant ({r['cpu_variant']}) instead")
-    print("7B-shaped figure: left out (the HF folder alone needs 14 GB of disk; about 11 GB are free here)")
+    print("7B-shaped figure: benchmarks/pulse_7b_cpu.py")
 
 
 def size_line(r: dict) -> str:

@@ -9,18 +9,25 @@ import json
 import tempfile
 from pathlib import Path
 
+from common import bench_arguments
+
 import omedge
 from omedge.bench import add_ratios, bench_bundle, bench_torch
 from omedge.cli import bench_table, out
 from omedge.devices import cpu_info
 from omedge.errors import OmedgeError
-from common import bench_arguments  # noqa: E402
 
 
 def variants(work: Path, args) -> list:
-    """The bundles: fp32 (ONNX + IR) and INT8 (ONNX + IR), each verified end to end at export."""
+    """The bundles: fp32 (ONNX + IR) and INT8 (ONNX + IR), each verified end to end at export;
+    with --work, a bundle already there is reused (export once, benchmark under a lock later)."""
     bundles = []
+    work.mkdir(parents=True, exist_ok=True)
     for precision in args.precisions.split(","):
+        if args.work and (work / f"sam-{precision}.omedge" / "manifest.json").exists():
+            print(f"reusing {work / f'sam-{precision}.omedge'}")
+            bundles.append(work / f"sam-{precision}.omedge")
+            continue
         print(f"exporting sam vit_b {precision}")
         try:
             bundles.append(omedge.export(
@@ -41,9 +48,13 @@ def main():
     # onnxruntime's static calibrator records every tensor of the 1024^2 encoder (the global
     # blocks' 12 x 4096 x 4096 attention maps): on a 23 GB machine it was killed for memory
     ap.add_argument("--int8-formats", default="openvino", help="formats for INT8 (onnx needs > 23 GB RAM here)")
+    ap.add_argument("--work", help="keep the bundles in this folder and reuse those already there")
+    ap.add_argument("--export-only", action="store_true", help="export into --work and stop (no timing)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="sam-bench-") as tmp:
-        bundles = variants(Path(tmp), args)
+        bundles = variants(Path(args.work or tmp), args)
+        if args.export_only:
+            return
         rows = []
         for b in bundles:
             print(f"benchmarking {b.name}")

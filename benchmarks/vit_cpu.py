@@ -8,10 +8,10 @@ import json
 import time
 
 import torch
+from common import bench_arguments
 
 from omedge.bench import add_ratios, bench_model
 from omedge.cli import bench_table, out
-from common import bench_arguments  # noqa: E402
 
 VIT_B16_GFLOP = 33.7  # multiply-adds x 2 per 224 px forward
 
@@ -59,7 +59,8 @@ def main():
         print(f"{r['variant']:28s} {rt['backend'] + '/' + str(rt.get('inference_precision', '')):30s} "
               f"{gflops:8.1f} {ceiling[prec]:8.0f} {gflops / ceiling[prec]:8.1%}")
     if args.json:
-        json.dump({"rows": rows, "ceiling": ceiling}, open(args.json, "w"), indent=2, default=str)
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "ceiling": ceiling}, f, indent=2, default=str)
 
 
 if __name__ == "__main__":

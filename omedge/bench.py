@@ -253,10 +253,10 @@ def bench_model(model_id, weights=None, variant=None, calib=None, precisions=("f
 
 def native_bf16() -> bool:
     try:
-        from .runtime.backends.ov import core
+        from .runtime.backends.ov import native_bf16 as openvino_native_bf16
     except ImportError:
         return False
-    return "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return openvino_native_bf16()
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:

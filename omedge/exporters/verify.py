@@ -24,7 +24,7 @@ def verify_artifact(art: Artifact, recipe, root: Path, kind, feeds: list[dict], 
 def verify_with(art: Artifact, recipe, root: Path, measure, kind=None) -> None:
     """Run `measure(backend, runner) -> parity record` on every backend of the recipe
     (multi-graph bundles measure end to end through it, exporters/graphs.py) and record
-    the result in `art`; runners open with the kind's `backend_options`, as its predictor
+    the result in `art`; runners open with the kind's `runner_options`, as its predictor
     opens them."""
     results, absent = {}, {}
     for backend in recipe.backends:
@@ -36,7 +36,7 @@ def verify_with(art: Artifact, recipe, root: Path, measure, kind=None) -> None:
             continue
         # bf16 is verified even where this CPU only emulates it: slow, but the numbers are bf16's
         options = {**art.runtime.get(backend, {}), "allow_emulated_bf16": True,
-                   **getattr(kind, "backend_options", {})}  # as the kind's predictor opens it (volumes: no arena)
+                   **getattr(kind, "runner_options", {})}  # as the kind's predictor opens it (volumes: no arena)
         runner = backend_class(backend)({"model": root / art.entry}, "cpu", options)
         result = measure(backend, runner)
         result["passed"] = not result["failures"]

@@ -92,8 +92,7 @@ def read_image(item, grayscale: str = "replicate", alpha: str = "drop", max_pixe
     "white" composites onto white.
     max_pixels: the decoded-size limit for files and PIL images (default: pixel_limit()).
     """
-    if alpha not in ALPHA_RULES:
-        raise InputError(f"unknown alpha rule '{alpha}' in the manifest", f"known: {', '.join(ALPHA_RULES)}")
+    _check_alpha(alpha)
     from PIL import Image
     name = describe_source(item)
     if isinstance(item, (str, Path)):
@@ -112,13 +111,42 @@ def read_image(item, grayscale: str = "replicate", alpha: str = "drop", max_pixe
                      "give a file path, a PIL image or a numpy array (HWC)")
 
 
-def _from_pil(img, name, grayscale, alpha):
-    mode = img.mode
+def probe_image(path, grayscale: str = "replicate", alpha: str = "drop", max_pixels: int | None = None) -> None:
+    """The refusals read_image would make for this file, from its header alone (nothing is
+    decoded): for callers that then decode the pixels their own way, once (the cv2-grey path
+    of DeblurringMIM) and must still refuse exactly what read_image refuses."""
+    _check_alpha(alpha)
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image not found: {path}")
+    with open_image(path, str(path), max_pixels) as img:
+        _refuse_mode(img.mode, str(path))
+        if img.mode in ("L", "LA") and grayscale == "refuse":
+            raise _grey_refused(str(path))
+
+
+def _check_alpha(alpha: str) -> None:
+    if alpha not in ALPHA_RULES:
+        raise InputError(f"unknown alpha rule '{alpha}' in the manifest", f"known: {', '.join(ALPHA_RULES)}")
+
+
+def _refuse_mode(mode: str, name: str) -> None:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        raise InputError(f"{name} is a {mode} ({'16' if '16' in mode else '32'}-bit) image; the model expects 8-bit RGB",
+        bits = "16" if "16" in mode else "32"
+        raise InputError(f"{name} is a {mode} ({bits}-bit) image; the model expects 8-bit RGB",
                          "convert it to 8-bit first, with the windowing you want (e.g. scale by 255/max)")
     if mode == "1":
         raise InputError(f"{name} is a 1-bit (black/white) image; the model expects 8-bit RGB")
+
+
+def _grey_refused(name: str) -> InputError:
+    return InputError(f"{name} is grayscale; this model needs colour (RGB) input",
+                      "give the original colour image (a stain's colour carries the signal)")
+
+
+def _from_pil(img, name, grayscale, alpha):
+    mode = img.mode
+    _refuse_mode(mode, name)
     if mode in ("P", "PA"):
         img = img.convert("RGBA")
         mode = "RGBA"
@@ -153,8 +181,7 @@ def _from_array(arr: np.ndarray, name: str, grayscale: str, alpha: str = "drop")
         arr = arr.astype(np.uint8, copy=False)
     if arr.ndim == 2:
         if grayscale == "refuse":
-            raise InputError(f"{name} is grayscale; this model needs colour (RGB) input",
-                             "give the original colour image (a stain's colour carries the signal)")
+            raise _grey_refused(name)
         return np.repeat(arr[..., None], 3, axis=2)
     if arr.shape[-1] == 4 and alpha == "drop":  # PIL's convert('RGB'): the alpha channel is discarded
         return np.ascontiguousarray(arr[..., :3])

@@ -91,7 +91,7 @@ def gaussian_blur_u8(img: np.ndarray, sigma: float) -> np.ndarray:
 def _channels(rgb: np.ndarray):
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
         raise InputError(f"expected a uint8 HxWx3 (RGB) or HxWx4 (RGBA) array, got {_describe(rgb)}")
-    return (rgb[..., i].astype(np.int64) for i in range(3))
+    return (rgb[..., i].astype(np.int32) for i in range(3))  # sums stay below 255 * 2**15 + 2**14
 
 
 def _png_significant(g: int) -> bool:
@@ -165,7 +165,7 @@ def _png_gray(img, head: bytes, name: str) -> np.ndarray:
                              "which Pillow drops", "convert it to 8-bit or grey first")
         info = img.info
         gamma = 45455 if "srgb" in info else round(info.get("gamma", 1.0) * 100000) or 100000
-        return _libpng_gray(np.asarray(img.convert("RGB")), gamma)
+        return _libpng_gray(np.asarray(img if img.mode == "RGB" else img.convert("RGB")), gamma)
     a = np.asarray(img.convert("L") if img.mode == "1" else img)
     if a.ndim == 3:                         # grey + alpha (Pillow may widen 16-bit LA to RGBA)
         a = a[..., 0]

@@ -11,19 +11,32 @@ The pretraining encoder also adds the `stage{1,2}_output_decode` projections of 
 conv stages to the ViT output before `norm`, to feed the MAE decoder; the fine-tuning
 and segmentation code never use them, so they are dropped with the decoder.
 """
+import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..spec import ModelSpec, embedding_output, image_input, logits_output
 from .checkpoint import drop, strip_prefix, unwrap
 from .deblurring import SPECS as MAE_SPECS
 from .deblurring import head_options
-from ..spec import ModelSpec, embedding_output, image_input, logits_output
 from .vit import Block, _init_weights, sincos_pos_embed
 
 
 def channel_norm(norm: nn.LayerNorm, x):
-    """LayerNorm over the channels of an NCHW map (the official permute, not GroupNorm)."""
-    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    """LayerNorm over the channels of an NCHW map, computed along axis 1 in place of the
+    official permute -> LayerNorm -> permute back: the same function (mean and biased
+    variance over C per pixel, then the per-channel affine).
+
+    Why: the permuted form exported two Transposes per norm, each a copy of up to a
+    56x56x256 map that OpenVINO could not fold into its channels-last convolution layout,
+    with layout Reorders around them; and NNCF put its INT8 quantizer between the norm and
+    the Transpose back, where OpenVINO runs it as a separate fp32 pass. Written as
+    (x - mean) / sqrt(mean((x - mean)^2) + eps), OpenVINO's converter fuses it into one
+    MVN over axis 1 (NNCF then quantizes only the norm's output, fused into the next conv),
+    and the CPU runs it as reductions over the contiguous channels of its layout."""
+    centred = x - x.mean(dim=1, keepdim=True)
+    var = centred.pow(2).mean(dim=1, keepdim=True)
+    return centred / torch.sqrt(var + norm.eps) * norm.weight[:, None, None] + norm.bias[:, None, None]
 
 
 class ConvPatchEmbed(nn.Module):
@@ -96,7 +109,8 @@ class ConvViT(nn.Module):
         x = self.patch_embed2(x)
         for block in self.blocks2:
             x = block(x)
-        x = self.patch_embed3(x).flatten(2).transpose(1, 2)
+        x = self.patch_embed3(x)  # (b, c, 14, 14) -> tokens; constant sizes, not a traced Shape chain
+        x = x.reshape(-1, int(x.shape[1]), int(x.shape[2]) * int(x.shape[3])).transpose(1, 2)
         x = self.patch_embed4(x) + self.pos_embed
         for block in self.blocks3:
             x = block(x)
@@ -112,8 +126,8 @@ class ConvViT(nn.Module):
 
 
 CONVVIT_SIZES = {
-    "B": dict(dims=(256, 384, 768), depths=(2, 2, 11), heads=12),
-    "tiny": dict(dims=(32, 48, 64), depths=(1, 1, 2), heads=2),
+    "B": {"dims": (256, 384, 768), "depths": (2, 2, 11), "heads": 12},
+    "tiny": {"dims": (32, 48, 64), "depths": (1, 1, 2), "heads": 2},
 }
 
 

@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import bundle_file, verify_files
-from ..errors import BackendUnavailableError, BundleIntegrityError, InputError, OmedgeError
+from ..errors import (
+    BackendUnavailableError,
+    BundleIntegrityError,
+    InputError,
+    OmedgeError,
+)
 from ..manifest import Manifest, read_manifest
 from .backends import backend_class
 
@@ -78,6 +83,8 @@ class Predictor:
                              f"choose one of {', '.join(allowed)}")
 
     def backend_options(self, art, name: str, threads, mode) -> dict:
+        """The options a backend opens with: the recipe's for it, then this call's (a kind's
+        predictor adds its `runner_options`)."""
         return {**art.runtime.get(name, {}), "threads": threads, "mode": mode}
 
     def _open_first(self, candidates, device, backend, threads, mode):

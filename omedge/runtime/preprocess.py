@@ -6,6 +6,7 @@ Pillow resize: the same call gives the same pixels as the research pipeline.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +29,8 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     """cv2.GaussianBlur(img, (0, 0), sigma), HxW or HxWxC: bit-exact on 8-bit images (OpenCV's
     fixed-point path, io.opencv_compat), float separable with reflect-101 otherwise."""
     is_u8 = img.dtype == np.uint8
+    if is_u8 and img.ndim == 2 and min(img.shape) > 8 * sigma + 2:
+        return blur_plane_u8(img, sigma)
     if is_u8:
         from ..io.opencv_compat import gaussian_blur_u8
         return gaussian_blur_u8(img, sigma)
@@ -43,6 +46,40 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     if is_u8:
         return np.clip(np.round(out), 0, 255).astype(np.uint8)
     return out.astype(np.float32)
+
+
+def blur_plane_u8(img: np.ndarray, sigma: float) -> np.ndarray:
+    """io.opencv_compat.gaussian_blur_u8 on one HxW plane, the same integer arithmetic
+    arranged for speed (DeblurringMIM blurs every full-size frame before resizing it).
+
+    The same 256-sum taps and one rounding, (acc + 2**15) >> 16; both sums are exact, so
+    their order does not matter. Symmetric taps are paired (one multiply per pair), the
+    first pass runs in uint16 (it peaks at 255 * 256 = 65280), and every step writes into
+    a preallocated buffer. Reflect-101 borders are numpy's "reflect" padding; the caller
+    keeps planes narrower than the kernel on the reference path."""
+    from ..io.opencv_compat import gaussian_kernel_u8
+    taps = [int(t) for t in gaussian_kernel_u8(sigma)]
+    r = len(taps) // 2
+    h, w = img.shape
+    rows = np.pad(img, ((0, 0), (r, r)), mode="reflect").astype(np.uint16)
+    across = rows[:, r:r + w] * np.uint16(taps[r])
+    pair = np.empty((h, w), np.uint16)
+    for k in range(1, r + 1):
+        if taps[r - k]:
+            np.add(rows[:, r - k:r - k + w], rows[:, r + k:r + k + w], out=pair)
+            np.multiply(pair, np.uint16(taps[r - k]), out=pair)
+            across += pair
+    cols = np.pad(across, ((r, r), (0, 0)), mode="reflect")
+    acc = cols[r:r + h].astype(np.int32) * np.int32(taps[r])
+    pair32 = np.empty((h, w), np.int32)
+    for k in range(1, r + 1):
+        if taps[r - k]:
+            np.add(cols[r - k:r - k + h], cols[r + k:r + k + h], out=pair32, dtype=np.int32)
+            np.multiply(pair32, np.int32(taps[r - k]), out=pair32)
+            acc += pair32
+    acc += 1 << 15
+    acc >>= 16
+    return acc.astype(np.uint8)
 
 
 def to_gray(img: np.ndarray) -> np.ndarray:
@@ -81,6 +118,8 @@ def resize_to(img: np.ndarray, new_h: int, new_w: int, interpolation: str) -> np
     resample = _RESAMPLE[interpolation]
     if img.dtype == np.uint8:
         return np.asarray(Image.fromarray(img).resize((new_w, new_h), resample))
+    if img.ndim == 2:
+        return np.asarray(Image.fromarray(img, mode="F").resize((new_w, new_h), resample))
     chans = [np.asarray(Image.fromarray(img[..., c], mode="F").resize((new_w, new_h), resample))
              for c in range(img.shape[2])]
     return np.stack(chans, axis=2)
@@ -95,20 +134,30 @@ def center_crop(img: np.ndarray, size: int, name: str) -> np.ndarray:
     return img[top:top + size, left:left + size]
 
 
-def preprocess_one(item, spec: dict) -> np.ndarray:
-    """One image -> CHW float32, following `spec` (the manifest's `preprocess`)."""
-    name = describe_source(item)
-    img = read_image(item, spec.get("grayscale", "replicate"), spec.get("alpha", "drop"))
-    if "blur" in spec:
-        blur = spec["blur"]
-        if blur.get("on") == "grayscale":
-            from pathlib import Path
+def decode(item, spec: dict) -> np.ndarray:
+    """The pixels the transforms start from: RGB HWC (uint8, or float in [0, 1]); or, for a
+    blur on grayscale (DeblurringMIM), the blurred HxW grey plane, kept one channel: its three
+    RGB copies are made only by `normalise_chw`, after the resize (Pillow resamples each band
+    alike, so resizing one plane gives each band of the replicated image)."""
+    grayscale, alpha = spec.get("grayscale", "replicate"), spec.get("alpha", "drop")
+    blur = spec.get("blur")
+    if not blur:
+        return read_image(item, grayscale, alpha)
+    if blur.get("on") != "grayscale":
+        return gaussian_blur(read_image(item, grayscale, alpha), blur["sigma"])
+    if isinstance(item, (str, Path)):  # cv2.imread(GRAYSCALE): one decode, by each format's own rule
+        from ..io.images import probe_image
+        from ..io.opencv_compat import imread_gray
+        probe_image(item, grayscale, alpha)  # read_image's refusals, from the header
+        gray = imread_gray(item)
+    else:
+        gray = to_gray(read_image(item, grayscale, alpha))
+    return gaussian_blur(gray, blur["sigma"])
 
-            from ..io.opencv_compat import imread_gray
-            img = imread_gray(item) if isinstance(item, (str, Path)) else to_gray(img)
-        img = gaussian_blur(img, blur["sigma"])
-        if img.ndim == 2:
-            img = np.repeat(img[..., None], 3, axis=2)
+
+def transform(img: np.ndarray, spec: dict, name: str = "the image") -> np.ndarray:
+    """Decoded pixels -> CHW float32: resize and crop in the pixels' own dtype (uint8 stays
+    uint8, as Pillow resamples it in the official loaders), then normalise."""
     resize = spec.get("resize")
     if resize and isinstance(resize["size"], list):  # Resize((h, w)): straight to that size (CITE)
         img = resize_to(img, *resize["size"], resize["interpolation"])
@@ -116,9 +165,30 @@ def preprocess_one(item, spec: dict) -> np.ndarray:
         img = resize_short_side(img, resize["size"], resize["interpolation"], name)
     if spec.get("center_crop"):
         img = center_crop(img, spec["center_crop"], name)
-    x = img.astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0)
-    x = (x - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return normalise_chw(img, spec["mean"], spec["std"])
+
+
+def normalise_chw(img: np.ndarray, mean, std) -> np.ndarray:
+    """(x / 255 - mean) / std as CHW float32, the same bits as computing it pixel by pixel in
+    float32: an 8-bit channel has 256 values, so each channel's results are computed once, in
+    that arithmetic, and looked up straight into the channel's CHW plane (no float HWC image,
+    no transpose copy). An HxW plane fills all three channels."""
+    mean = np.broadcast_to(np.asarray(mean, np.float32), (3,))
+    std = np.broadcast_to(np.asarray(std, np.float32), (3,))
+    if img.dtype != np.uint8:  # float pixels in [0, 1]: computed directly
+        x = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
+        return np.ascontiguousarray(((x.astype(np.float32) - mean) / std).transpose(2, 0, 1))
+    table = np.ascontiguousarray(((np.arange(256, dtype=np.uint8).astype(np.float32)[:, None] / 255.0 - mean)
+                                  / std).T)
+    out = np.empty((3, *img.shape[:2]), np.float32)
+    for c in range(3):
+        np.take(table[c], img if img.ndim == 2 else img[..., c], out=out[c], mode="clip")
+    return out
+
+
+def preprocess_one(item, spec: dict) -> np.ndarray:
+    """One image -> CHW float32, following `spec` (the manifest's `preprocess`)."""
+    return transform(decode(item, spec), spec, describe_source(item))
 
 
 def as_items(images) -> list:

@@ -23,7 +23,8 @@ def test_predict_paths_pil_arrays_and_batches(brow_fp32_bundle, tiles):
 
 def test_predict_matches_torch_reference(brow_fp32_bundle, tiles, ckpt_dir):
     import torch
-    import omedge.models as models
+
+    from omedge import models
     from omedge.runtime.preprocess import preprocess
     model = models.load(models.get_spec("brow"), ckpt_dir / "brow_tiny.pth")[0]
     spec = models.get_spec("brow").preprocess
@@ -92,11 +93,11 @@ def test_concurrent_predict_is_thread_safe(brow_bundle, tiles):
         expected = {i: p.predict(tiles[i]) for i in range(4)}
         results, errors = {}, []
 
-        def work(i):
+        def work(i, p=p, results=results, errors=errors):
             try:
                 for _ in range(3):
                     results.setdefault(i, []).append(p.predict(tiles[i % 4]))
-            except Exception as e:  # pragma: no cover - reported below
+            except Exception as e:  # noqa: BLE001 - any failure of a thread is reported below
                 errors.append(e)
         threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
         [t.start() for t in threads]
@@ -122,7 +123,8 @@ def test_run_side_never_imports_torch(brow_bundle, tiles):
             "from omedge.devices import inventory; inventory(); "
             "bad = [m for m in ('torch', 'nncf', 'timm', 'transformers') if m in sys.modules]; "
             "assert not bad, bad; print('ok')")
-    r = subprocess.run([sys.executable, "-c", code, str(brow_bundle), str(tiles[0])], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, str(brow_bundle), str(tiles[0])], capture_output=True, text=True,
+                       check=False)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
@@ -142,7 +144,8 @@ def test_backend_not_installed_names_the_extra(brow_fp32_bundle):
             "try:\n    omedge.load(sys.argv[1], backend='openvino')\n"
             "except BackendUnavailableError as e:\n    print(e)\n"
             "print(omedge.load(sys.argv[1]).describe()['backend'])")
-    r = subprocess.run([sys.executable, "-c", code, str(brow_fp32_bundle)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, str(brow_fp32_bundle)], capture_output=True, text=True,
+                       check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "omedge[openvino]" in r.stdout and r.stdout.strip().endswith("onnxruntime")
 
@@ -156,17 +159,18 @@ def test_throughput_mode_gives_the_same_answers(brow_bundle, tiles):
 
 def test_throughput_mode_spreads_one_batch_over_every_stream(brow_bundle, tiles):
     """A batch of 8 in throughput mode used to run as one request on one stream's share
-    of the cores (slower than latency mode): it is split across the streams, in order."""
-    from omedge.runtime.backends.ov import split_batches
+    of the cores (slower than latency mode): it is split across the streams, in order,
+    and what cannot fill every stream runs on all cores (tests/runtime/test_ov_backend.py)."""
+    from omedge.runtime.backends.ov import throughput_plan
     lat = omedge.load(brow_bundle, backend="openvino").predict(tiles[:8], batch_size=8)
     p = omedge.load(brow_bundle, backend="openvino", mode="throughput", threads=2)
     streams = p.describe()["streams"]
     x = p.prepare(tiles[:8])
     parts = p.backend.run_many([{p.input_name: x}])
-    assert len(parts) == min(streams, 8) and sum(len(next(iter(q.values()))) for q in parts) == 8
+    on_streams, after = throughput_plan([8], streams, True)
+    assert [len(next(iter(q.values()))) for q in parts] == on_streams + after
+    assert streams == 1 or len(on_streams) == streams
     np.testing.assert_allclose(p.predict(tiles[:8], batch_size=8), lat, atol=1e-4)
-    pieces = split_batches([{"a": np.arange(5)}, {"a": np.arange(5, 7)}], 3)
-    assert np.concatenate([q["a"] for q in pieces]).tolist() == list(range(7))
 
 
 def test_bf16_refused_where_the_cpu_would_emulate_it(tmp_path, ckpt_dir):

@@ -3,7 +3,7 @@
 Written from the published architecture so that `sam_vit_b_01ec64.pth` and
 `medsam_vit_b.pth` load strictly with no renaming. Two things differ from the research
 code on purpose, both for export: the decomposed relative positions are a gather of
-fixed indices + einsum (static at the export size), and the prompt encoder takes
+fixed indices + broadcast MatMul (static at the export size), and the prompt encoder takes
 points and labels as tensors, a box being two points labelled 2 and 3 and padding a
 point labelled -1 (as the official ONNX export does), so one decoder graph serves
 boxes, points and both with a dynamic number of points.
@@ -47,55 +47,102 @@ def _rel_index(q: int, k: int) -> torch.Tensor:
 
 
 class EncoderAttention(nn.Module):
-    """Multi-head attention with decomposed relative positions over an (H, W) grid."""
+    """Multi-head attention with decomposed relative positions over a fixed (H, W) grid,
+    on (b, H*W, C) tokens. Export-shaped: q, k, v are three projections from row slices of
+    the official fused `qkv` weight, every tensor stays at rank 4 or less and every reshape
+    target is a constant apart from the batch. The official (b, N, 3, heads, dh) split and
+    the 5-D (.., h, w, h, w) bias add kept OpenVINO from fusing the attention and left
+    NNCF's quantize-converts on high-rank tensors."""
 
     def __init__(self, dim: int, heads: int, grid: tuple[int, int]):
         super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.dim, self.heads, self.grid = dim, heads, tuple(grid)
+        self.scale = (dim // heads) ** -0.5
         self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
         self.rel_pos_h = nn.Parameter(torch.randn(2 * grid[0] - 1, dim // heads) * 0.02)
         self.rel_pos_w = nn.Parameter(torch.randn(2 * grid[1] - 1, dim // heads) * 0.02)
 
+    def project(self, x, part: int):
+        """q, k or v (part 0, 1, 2) as (b, heads, N, dh)."""
+        d, h = self.dim, self.heads
+        rows = slice(part * d, (part + 1) * d)
+        n = self.grid[0] * self.grid[1]
+        return F.linear(x, self.qkv.weight[rows], self.qkv.bias[rows]).reshape(-1, n, h, d // h).transpose(1, 2)
+
+    def rel_bias(self, q):
+        """The decomposed position term for (b, heads, N, dh) queries, (b, heads, N, N):
+        query row y meets key row ky through rel_pos_h[y - ky], column x meets kx through
+        rel_pos_w[x - kx]. Each is one broadcast MatMul against a (rows, dh, rows) constant
+        table (the official einsums), summed as (N, h, 1) + (N, 1, w)."""
+        (gh, gw), dh = self.grid, self.dim // self.heads
+        n = gh * gw
+        rh = self.rel_pos_h[_rel_index(gh, gh)].transpose(1, 2)  # (gh, dh, gh)
+        rw = self.rel_pos_w[_rel_index(gw, gw)].transpose(1, 2)  # (gw, dh, gw)
+        q4 = q.reshape(-1, gh, gw, dh)
+        rel_h = (q4 @ rh).reshape(-1, n, gh, 1)
+        rel_w = (q4.transpose(1, 2) @ rw).transpose(1, 2).reshape(-1, n, 1, gw)
+        return (rel_h + rel_w).reshape(-1, self.heads, n, n)
+
+    def attend(self, q, k, v):
+        """(b, heads, N, dh) q, k, v -> (b, N, C) before `proj`."""
+        attn = (q * self.scale) @ k.transpose(-2, -1) + self.rel_bias(q)
+        out = attn.softmax(dim=-1) @ v
+        return out.transpose(1, 2).reshape(-1, self.grid[0] * self.grid[1], self.dim)
+
     def forward(self, x):
-        b, h, w, _ = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * self.heads,
-                                                                                          h * w, -1)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        rh, rw = self.rel_pos_h[_rel_index(h, h)], self.rel_pos_w[_rel_index(w, w)]
-        r_q = q.reshape(b * self.heads, h, w, -1)
-        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
-        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
-        attn = (attn.view(-1, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(-1, h * w, h * w)
-        x = (attn.softmax(dim=-1) @ v).view(b, self.heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-        return self.proj(x)
+        return self.proj(self.attend(*(self.project(x, i) for i in range(3))))
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm ViT block; windowed (window > 0, zero-padded to a multiple) or global."""
+    """Pre-norm ViT block on a (b, H, W, C) map of the fixed `grid`; windowed (window > 0,
+    zero-padded to a multiple) or global. The window partition is two rank-4 reshapes
+    around one transpose (the official 6-D permute does not export at rank <= 4)."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, window: int, grid: tuple[int, int]):
         super().__init__()
-        self.window = window
+        self.window, self.grid, self.dim = window, tuple(grid), dim
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
         self.attn = EncoderAttention(dim, heads, (window, window) if window else grid)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
 
+    def padded(self) -> tuple[int, int]:
+        ws = self.window
+        return -(-self.grid[0] // ws) * ws, -(-self.grid[1] // ws) * ws
+
+    def partition(self, x):
+        """(b, H, W, C) -> (b * windows, ws * ws, C), windows in row-major order."""
+        (h, w), (hp, wp), ws, c = self.grid, self.padded(), self.window, self.dim
+        x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+        x = x.reshape(-1, ws, wp // ws, ws * c).transpose(1, 2)  # (b * rows of windows, nw, ws, ws * C)
+        return x.reshape(-1, ws * ws, c)
+
+    def unpartition(self, x):
+        """The inverse of `partition`, padding cropped."""
+        (h, w), (hp, wp), ws, c = self.grid, self.padded(), self.window, self.dim
+        x = x.reshape(-1, wp // ws, ws, ws * c).transpose(1, 2).reshape(-1, hp, wp, c)
+        return x[:, :h, :w] if (hp, wp) != (h, w) else x
+
+    def windowed(self, y):
+        """Windowed attention with q, k, v projected on the unpadded map and `proj` after the
+        unpartition: 16% fewer tokens through both, and the projections' INT8 input comes
+        straight from norm1 (through the Pad, OpenVINO ran them on float activations, 13% of
+        the INT8 encoder). The bias is added after the zero padding, so padded tokens still
+        get qkv(0) = bias as in the official code."""
+        a, d = self.attn, self.dim
+        n, dh = self.window * self.window, d // a.heads
+        q, k, v = (self.partition(F.linear(y, a.qkv.weight[i * d:(i + 1) * d])) + a.qkv.bias[i * d:(i + 1) * d]
+                   for i in range(3))
+        q, k, v = (t.reshape(-1, n, a.heads, dh).transpose(1, 2) for t in (q, k, v))
+        return a.proj(self.unpartition(a.attend(q, k, v)))
+
     def forward(self, x):
-        shortcut, x = x, self.norm1(x)
+        h, w = self.grid
+        y = self.norm1(x)
         if self.window:
-            b, h, w, c = x.shape
-            ws = self.window
-            ph, pw = (ws - h % ws) % ws, (ws - w % ws) % ws
-            x = F.pad(x, (0, 0, 0, pw, 0, ph))
-            hp, wp = h + ph, w + pw
-            x = x.view(b, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, c)
-            x = self.attn(x)
-            x = x.view(b, hp // ws, wp // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
-            x = x[:, :h, :w, :]
+            y = self.windowed(y)
         else:
-            x = self.attn(x)
-        x = shortcut + x
+            y = self.attn(y.reshape(-1, h * w, self.dim)).reshape(-1, h, w, self.dim)
+        x = x + y
         return x + self.mlp(self.norm2(x))
 
 
