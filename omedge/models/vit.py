@@ -11,14 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
-
-
-def static_size(size) -> int:
-    """A size the graph may bake in (token count, grid): a Python int even while the
-    TorchScript exporter traces, where `x.shape[i]` is a tensor and every reshape built
-    from it exports as a Shape -> Gather -> Concat chain. Never use it for the batch."""
-    return int(size)
 
 
 class PatchEmbed(nn.Module):
@@ -27,39 +19,25 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
 
     def forward(self, x):
-        x = self.proj(x)  # (b, dim, gh, gw); a flatten(2) would export a Shape chain
-        n = static_size(x.shape[2]) * static_size(x.shape[3])
-        return x.reshape(-1, static_size(x.shape[1]), n).transpose(1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
-    """timm's `Attention`, parameter for parameter (`qkv`, `proj`), computed as three
-    projections from row slices of the fused `qkv` weight. The fused output's
-    (b, n, 3, heads, dh) reshape + permute + Gather is a 5-D tensor that, in Endo-FM, kept
-    OpenVINO from fusing the attention and left NNCF's quantize-convert on it as a slow
-    reference kernel; here no tensor passes rank 4 and every reshape target is a constant
-    apart from the batch (-1)."""
-
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
         super().__init__()
-        self.dim, self.heads = dim, heads
-        self.scale = (dim // heads) ** -0.5
+        self.heads = heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def project(self, x, part: int):
-        """q, k or v (part 0, 1, 2) of the fused `qkv` Linear."""
-        rows = slice(part * self.dim, (part + 1) * self.dim)
-        bias = None if self.qkv.bias is None else self.qkv.bias[rows]
-        return F.linear(x, self.qkv.weight[rows], bias)
-
     def forward(self, x):
-        n, d, h = static_size(x.shape[1]), self.dim, self.heads
-        q, k, v = (self.project(x, i).reshape(-1, n, h, d // h).transpose(1, 2) for i in range(3))
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
         # Written out (not SDPA) so exported graphs keep plain MatMul/Softmax nodes that
-        # every backend and quantizer understands; the scale is folded into q.
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(-1, n, d))
+        # every backend and quantizer understands.
+        attn = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
+        x = attn.softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
 class Mlp(nn.Module):
@@ -148,10 +126,8 @@ class VisionTransformer(nn.Module):
 
     def features(self, x):
         x = self.patch_embed(x)
-        # one expand for all prefix tokens: the batch is the graph's only Shape read
-        prefix = torch.cat([getattr(self, name) for name in self.prefix], dim=1)
-        prefix = prefix.expand(x.shape[0], len(self.prefix), static_size(x.shape[2]))
-        x = torch.cat([prefix, x], dim=1) + self.pos_embed
+        tokens = [getattr(self, name).expand(x.shape[0], -1, -1) for name in self.prefix]
+        x = torch.cat(tokens + [x], dim=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)
         n = len(self.prefix)
@@ -183,6 +159,6 @@ def _init_weights(m):
 
 
 VIT_SIZES = {
-    "B": {"dim": 768, "depth": 12, "heads": 12},
-    "tiny": {"dim": 64, "depth": 2, "heads": 2},
+    "B": dict(dim=768, depth=12, heads=12),
+    "tiny": dict(dim=64, depth=2, heads=2),
 }
