@@ -32,7 +32,8 @@ def variants(work: Path, args) -> list:
         try:
             bundles.append(omedge.export(
                 "sam", random_weights=True, precision=precision,
-                formats=tuple(args.int8_formats.split(",")) if precision == "int8" else ("onnx", "openvino"),
+                formats=tuple(args.int8_formats.split(",")) if precision == "int8" else
+                ("openvino",) if precision == "bf16" else ("onnx", "openvino"),
                 calib=(args.calib or "synthetic") if precision == "int8" else None, calib_size=args.calib_size,
                 verify_size=args.verify_size, out=work / f"sam-{precision}.omedge", force=True, log=print))
         except OmedgeError as e:

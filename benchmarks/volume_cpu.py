@@ -2,8 +2,9 @@
 256x256x160 voxels, nnU-Net sliding window (step 0.5, Gaussian sigma = patch/8, no
 mirroring unless --tta) with torch fp32 eager and with omedge bundles. Each variant runs
 in its own process (own peak RSS). An artifact that failed its export gate is refused by
-the runtime; here it is still timed, straight on its backend, and marked as such. Prints seconds, voxels/s, speed-up, peak RSS, the
-share of the machine's fp32 conv ceiling, and per-class Dice against torch fp32.
+the runtime; here it is still timed, straight on its backend, and marked as such. Prints
+seconds, voxels/s, speed-up, peak RSS, the share of the machine's fp32 conv ceiling, and
+per-class Dice against torch fp32; for INT8, what accuracy-aware quantization did.
 
 The weights: no STU-Net checkpoint can be downloaded here. A fully random 105-way head
 has near-ties between classes at almost every voxel, so rounding alone flips ~1% of
@@ -50,7 +51,7 @@ if target.endswith(".model"):
 else:
     from pathlib import Path
     from omedge.bundle import read_manifest
-    art = next(a for a in read_manifest(target)["artifacts"] if a["name"] == artifact)
+    art = next(a for a in read_manifest(target).to_dict()["artifacts"] if a["name"] == artifact)
     if art["parity"]["passed"]:
         import omedge
         p = omedge.load(target, artifact=artifact, mode=mode)
@@ -135,14 +136,28 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the machine's cores)")
     ap.add_argument("--workdir", help="keep bundles and label maps here")
     ap.add_argument("--json")
+    ap.add_argument("--plain-int8", action="store_true",
+                    help="INT8 without accuracy control (plain nncf.quantize), for comparison")
+    ap.add_argument("--int8-max-drop", type=float,
+                    help="accuracy control's allowed drop of the window Dice (default: the volume kind's, 0.02)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep bundles already in --workdir from an earlier run (same seed, same fitted head)")
     args = ap.parse_args()
     import torch
 
-    import omedge
     import omedge.models as models
     from omedge.bundle import read_manifest
     from omedge.runtime.volume import dice_per_class, synthetic_ct
     shape = tuple(int(s) for s in args.shape.split(","))
+    tag = ""
+    if args.plain_int8:  # the volume kind without its quantization metric: what exports did before
+        from omedge.kinds.volume import VolumeKind
+        VolumeKind.quantization_metric = lambda self: None
+        tag = "-plain"
+    elif args.int8_max_drop is not None:
+        from omedge.kinds.volume_parity import WindowDice
+        WindowDice.max_drop = args.int8_max_drop
+        tag = f"-drop{args.int8_max_drop:g}"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(args.workdir or tmp)
         tmp.mkdir(parents=True, exist_ok=True)
@@ -157,22 +172,8 @@ def main():
         torch.save({"state_dict": model.state_dict(), "epoch": 0}, ckpt)
         del model
         runs = [("torch fp32 eager", str(ckpt), "-", "latency")]
-        for precision in args.precisions.split(","):
-            t = time.perf_counter()
-            bundle = omedge.export("stu-net", ckpt, variant="B", formats=args.formats.split(","),
-                                   precision=precision, calib="synthetic" if precision == "int8" else None,
-                                   calib_size=args.calib_size, out=tmp / f"stunet-b-{precision}.omedge",
-                                   overwrite=True, force=True, log=print)
-            print(f"export {precision} took {time.perf_counter() - t:.0f} s")
-            for a in read_manifest(bundle)["artifacts"]:
-                par = a["parity"]
-                print(f"  {a['name']}: export gate {'passed' if par['passed'] else 'FAILED'}, window cosine "
-                      f"{par['outputs']['logits']['cosine_min']:.6f}, phantom Dice min "
-                      f"{par.get('volume_dice', {}).get('min', float('nan')):.4f}")
-                runs.append((f"{a['format']} {a['precision']}", str(bundle), a["name"], "latency"))
-                if a["format"] == "openvino" or "openvino" in a.get("verified_backends", []):
-                    runs.append((f"{a['format']} {a['precision']} 2 streams", str(bundle), a["name"], "throughput"))
-        pre = read_manifest(bundle)["preprocess"]
+        bundle = export_bundles(args, ckpt, tmp, tag, runs)
+        pre = read_manifest(bundle).to_dict()["preprocess"]
         rows, ref = [], None
         for name, target, artifact, mode in runs:
             out = tmp / f"labels-{len(rows)}.npy"
@@ -213,6 +214,45 @@ def main():
               f"{rate:.0f} ({rate / ceiling:.0%}) | {r['dice_min']:.4f} | {r['voxel_agreement']:.5f} |")
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=2)
+
+
+def export_bundles(args, ckpt, tmp, tag: str, runs: list) -> Path:
+    """Export (or with --reuse, keep) one bundle per precision; append its runs; return the last."""
+    import omedge
+    from omedge.bundle import read_manifest
+    for precision in args.precisions.split(","):
+        t = time.perf_counter()
+        bundle = tmp / f"stunet-b-{precision}{tag if precision == 'int8' else ''}.omedge"
+        if args.reuse and (bundle / "manifest.json").is_file():
+            print(f"reusing {bundle} (its export time is not measured again)")
+        else:
+            bundle = omedge.export("stu-net", ckpt, variant="B", formats=args.formats.split(","),
+                                   precision=precision, calib="synthetic" if precision == "int8" else None,
+                                   calib_size=args.calib_size, out=bundle, overwrite=True, force=True, log=print)
+            print(f"export {precision} took {time.perf_counter() - t:.0f} s")
+        for a in read_manifest(bundle).to_dict()["artifacts"]:
+            par = a["parity"]
+            quantization_summary(a.get("quantization"))
+            print(f"  {a['name']}: export gate {'passed' if par['passed'] else 'FAILED'}, window cosine "
+                  f"{par['outputs']['logits']['cosine_min']:.6f}, phantom Dice min "
+                  f"{par.get('volume_dice', {}).get('min', float('nan')):.4f}")
+            runs.append((f"{a['format']} {a['precision']}", str(bundle), a["name"], "latency"))
+            if a["format"] == "openvino" or "openvino" in a.get("verified_backends", []):
+                runs.append((f"{a['format']} {a['precision']} 2 streams", str(bundle), a["name"], "throughput"))
+    return bundle
+
+
+def quantization_summary(q: dict | None) -> None:
+    """What accuracy-aware INT8 did (kinds with a quantization metric): the metric before
+    and after, the iterations, the layers it left in float."""
+    ac = (q or {}).get("accuracy_control")
+    if not ac:
+        return
+    print(f"  accuracy control: {ac['metric']}: float {ac['float']}, plain INT8 {ac['before']}, result {ac['after']} "
+          f"(f32 float layers {ac['after_f32']}; target {ac['target']}, reached {ac['reached']}) after "
+          f"{ac['iterations']} iterations, {ac['evaluations']} evaluations on {ac['validation_windows']} windows "
+          f"{ac['validation_input']}, {ac['seconds']:.0f} s")
+    print(f"  {len(q['float_layers'])} layers in float: {', '.join(q['float_layers'])}")
 
 
 def n_windows(shape, pre) -> int:

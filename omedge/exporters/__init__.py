@@ -241,7 +241,8 @@ class _Job:
             artifacts = []
             for r in self.recipes:
                 self.log(f"building {r.name}")
-                entry, files, quantization = build(r, onnx_fp32, writer.dir, "model", self.calib_feeds)
+                entry, files, quantization = build(r, onnx_fp32, writer.dir, "model", self.calib_feeds,
+                                                   self.kind.quantization_metric())
                 art = Artifact(name=r.name, format=r.format, precision=r.precision, entry=entry, files=files,
                                runtime={b: dict(o) for b, o in r.runtime.items()}, quantization=quantization,
                                inputs=[i["name"] for i in self.inputs], outputs=[o["name"] for o in self.outputs])
@@ -322,6 +323,12 @@ def _refuse_failures(artifacts: list[Artifact], force: bool) -> None:
         hint += (f"{static[0].name} was calibrated on {q['calibration_samples']} samples: give --calib a folder "
                  "with more images (64 or more, like the data the model will see), or use --int8-dynamic "
                  "(no calibration) or --fp16; ")
+        ac = q.get("accuracy_control")
+        if ac:  # accuracy-aware INT8 did what it could: the calibration windows are the lever left
+            hint += (f"accuracy control kept {len(q.get('float_layers', []))} layers in float and reached "
+                     f"{ac['after']:.3f} on the calibration windows (target {ac['target']}, plain INT8 "
+                     f"{ac['before']}): calibrate on volumes "
+                     "like the site's (--calib DIR) or use --bf16 / --fp16; ")
         if q.get("worst_layers"):
             hint += (f"the layers that lose the most (cosine fp32 vs INT8 in -> out) are "
                      f"{describe(q['worst_layers'][:3])}; ")

@@ -1,5 +1,6 @@
 """One function per builder named in the recipe table (omedge.formats): fp32 ONNX ->
-the artifact's files inside the bundle folder. Returns (entry, files, quantization)."""
+the artifact's files inside the bundle folder. Returns (entry, files, quantization).
+Every builder takes the kind's quantization metric; only OpenVINO static INT8 uses it."""
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ def _onnx_target(root: Path, recipe, role: str) -> Path:
     return root / (f"{stem}.onnx" if recipe.precision == "fp32" else f"{stem}-{recipe.precision}.onnx")
 
 
-def onnx_fp32(src: Path, root: Path, recipe, role, calib):
+def onnx_fp32(src: Path, root: Path, recipe, role, calib, metric=None):
     dst = _onnx_target(root, recipe, role)
     for f in onnx_files(src):  # the model and, past 2 GB, its weights file
         target = dst.with_name(f.name.replace(src.name, dst.name))
@@ -29,20 +30,20 @@ def onnx_fp32(src: Path, root: Path, recipe, role, calib):
     return dst, None
 
 
-def onnx_fp16(src, root, recipe, role, calib):
+def onnx_fp16(src, root, recipe, role, calib, metric=None):
     from onnxruntime.transformers.float16 import convert_float_to_float16
     dst = _onnx_target(root, recipe, role)
     save_onnx(convert_float_to_float16(onnx_load(src), keep_io_types=True), dst)
     return dst, None
 
 
-def onnx_int8_static(src, root, recipe, role, calib):
+def onnx_int8_static(src, root, recipe, role, calib, metric=None):
     from ..quantize import onnx_int8
     dst = _onnx_target(root, recipe, role)
     return dst, onnx_int8.quantize_static(src, dst, calib)
 
 
-def onnx_int8_dynamic(src, root, recipe, role, calib):
+def onnx_int8_dynamic(src, root, recipe, role, calib, metric=None):
     from ..quantize import onnx_int8
     dst = _onnx_target(root, recipe, role)
     return dst, onnx_int8.quantize_dynamic(src, dst)
@@ -70,25 +71,27 @@ def _convert(src: Path):
     return model
 
 
-def openvino_ir(src, root, recipe, role, calib):
+def openvino_ir(src, root, recipe, role, calib, metric=None):
     entry, _, _ = _save_ir(_convert(src), root, recipe, role)
     return entry, None
 
 
-def openvino_int8_static(src, root, recipe, role, calib):
+def openvino_int8_static(src, root, recipe, role, calib, metric=None):
     from ..quantize import nncf_int8
-    model, info = nncf_int8.quantize_static(_convert(src), calib)
+    model, info = nncf_int8.quantize_static(_convert(src), calib, metric)
     return _save_ir(model, root, recipe, role)[0], info
 
 
-def openvino_int8_weights(src, root, recipe, role, calib):
+def openvino_int8_weights(src, root, recipe, role, calib, metric=None):
     from ..quantize import nncf_int8
     model, info = nncf_int8.compress_weights(_convert(src))
     return _save_ir(model, root, recipe, role)[0], info
 
 
-def build(recipe, src: Path, root: Path, role: str, calib) -> tuple[str, list[str], dict | None]:
-    entry, quantization = globals()[recipe.builder](src, root, recipe, role, calib)
+def build(recipe, src: Path, root: Path, role: str, calib, metric=None) -> tuple[str, list[str], dict | None]:
+    """metric: the kind's quantization metric (Kind.quantization_metric): OpenVINO static
+    INT8 restores it with accuracy-aware quantization; the other builders need none."""
+    entry, quantization = globals()[recipe.builder](src, root, recipe, role, calib, metric)
     if entry.suffix == ".xml":
         files = [entry, entry.with_suffix(".bin")]
     else:

@@ -79,6 +79,15 @@ class Kind:
     def pipeline_check(self, run, stored: dict, pre: dict, gate: str) -> tuple[dict, list[str]]:
         return {}, []
 
+    def quantization_metric(self):
+        """The metric static INT8 must keep (volumes: window Dice), for NNCF's accuracy-aware
+        quantization, or None: plain post-training quantization. An object with `name`,
+        `output` (the output it reads), `max_drop`, `items`, `ranking_items`,
+        `max_iterations`, `budget_s`, `validation_feeds(calib, input shape) -> feeds`,
+        `reference(float output) -> label` and `score(labels, outputs) -> (metric, per-item
+        metrics)`; the float model scores 1.0 against its own labels (kinds/volume_parity.py)."""
+        return None
+
     # -- parity -------------------------------------------------------------------
     def parity(self, reference: list[dict], candidate: list[dict], gate: str, overrides: dict,
                inputs: list[dict]) -> dict:

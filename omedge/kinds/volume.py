@@ -140,6 +140,11 @@ class VolumeKind(Kind):
                 "phantom_labels": back_to_input(class_argmax(logits), phantom),
                 "phantom_margin": margin.astype(np.float32), "phantom_logit_scale": np.float64(logit_scale(logits))}
 
+    def quantization_metric(self):
+        """INT8 keeps the window Dice over decisive voxels (the gate's metric)."""
+        from .volume_parity import WindowDice
+        return WindowDice()
+
     def pipeline_check(self, run, stored, pre, gate):
         from ..io.volume import Volume
         from ..parity import stored_array
@@ -151,8 +156,9 @@ class VolumeKind(Kind):
         phantom = Volume(np.asarray(arr("phantom"), np.float32), arr("phantom_affine"), "stored phantom")
         ref = arr("phantom_labels")
         got = segment(phantom, lambda b: _logits(run(b)), pre)
-        dice, failures = volume_gate(ref, got, arr("phantom_margin") if "phantom_margin" in names else None,
-                                     float(arr("phantom_logit_scale")) if "phantom_logit_scale" in names else None, gate)
+        margin = arr("phantom_margin") if "phantom_margin" in names else None
+        scale = float(arr("phantom_logit_scale")) if "phantom_logit_scale" in names else None
+        dice, failures = volume_gate(ref, got, margin, scale, gate)
         return {"volume_dice": dice}, failures
 
     # -- serving: raw volumes in, a label map on the input grid out ---------------------
@@ -281,7 +287,8 @@ def volume_gate(ref, got, margin, scale, gate: str) -> tuple[dict, list[str]]:
     gated = decisive if mask is not None else every
     worst = min(gated.values()) if gated else 1.0
     where = ", decisive voxels" if mask is not None else ""
-    failures = [f"volume Dice {worst:.4f} < {limit} (class {min(gated, key=gated.get)}{where})"] if worst < limit else []
+    failures = ([f"volume Dice {worst:.4f} < {limit} (class {min(gated, key=gated.get)}{where})"]
+                if worst < limit else [])
     record = {"per_class": gated, "min": worst, "classes": len(gated), "gate": limit,
               "all_voxels": {"per_class": every, "min": min(every.values()) if every else 1.0},
               "input": "synthetic CT phantom, whole-volume pipeline"}

@@ -107,3 +107,62 @@ def _summary(rows: list[dict]) -> dict:
         m["decisive_voxel_agreement"] = sum(s["decisive_agree"] for s in rows) / decisive if decisive else 1.0
         m["decisive_voxels"] = decisive / max(voxels, 1)
     return m
+
+
+class WindowDice:
+    """The metric accuracy-aware INT8 restores for volumes (Kind.quantization_metric):
+    per-class Dice over the decisive voxels of calibration windows, against the float
+    model's own labels, pooled over the windows; the minimum over classes, as the
+    whole-volume gate takes it. NNCF reverts quantizers until the metric is within
+    max_drop of the float model's (1.0). On STU-Net-B (phantom 160x160x128, 2 cores) a
+    target of 0.98 kept 4 convolutions in float and gave an all-voxel Dice of 0.911 vs
+    torch (plain INT8 0.895); 0.995 kept 7 and gave 0.934 at the same speed (2.5-3.1x
+    torch), so the target is 0.995: headroom under the 0.95 gate.
+
+    items / ranking_items: windows validated / ranked on (each evaluation runs all of
+    them; ranking runs ranking_items once per quantizer group, ~35-60 groups for STU-Net).
+    A graph with free spatial axes is validated on the central `crop`^3 of each window:
+    8x less work than 128^3, the same layers' errors. budget_s and max_iterations bound
+    the export."""
+    name = "per-class Dice over decisive voxels vs the float model, calibration windows (min over classes)"
+    output = "logits"
+    max_drop = 0.005
+    items = 4
+    ranking_items = 2
+    max_iterations = 30
+    budget_s = 3600.0
+    crop = 64  # a multiple of STU-Net's largest stride (32)
+
+    def validation_feeds(self, calib: list[dict], shape: list) -> list[dict]:
+        """The first `items` calibration windows, centre-cropped on the axes the graph
+        leaves free (shape: the input's sizes, None where dynamic)."""
+        out = []
+        for feed in calib[:self.items]:
+            cut = {}
+            for name, x in feed.items():
+                sl = [slice(None)] * x.ndim
+                for ax in range(2, x.ndim):
+                    if shape[ax] is None and x.shape[ax] > self.crop:
+                        lo = (x.shape[ax] - self.crop) // 2
+                        sl[ax] = slice(lo, lo + self.crop)
+                cut[name] = np.ascontiguousarray(x[tuple(sl)])
+            out.append(cut)
+        return out
+
+    def reference(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One window's float logits (1, K, ...) -> (labels, decisive mask)."""
+        w = np.asarray(logits)[0]
+        return w.argmax(0), top2_margin(w) > decisive_threshold(logit_scale(w), "int8")
+
+    def score(self, refs: list, outputs: list) -> tuple[float, list[float]]:
+        """(pooled min-class Dice, per-window min-class Dice)."""
+        from ..parity import dice_scores
+        per_item, ref_all, got_all = [], [], []
+        for (labels, mask), out in zip(refs, outputs):
+            got = np.asarray(out)[0].argmax(0)
+            dice = dice_scores(labels, got, mask)
+            per_item.append(min(dice.values()) if dice else 1.0)
+            ref_all.append(labels[mask])
+            got_all.append(got[mask])
+        pooled = dice_scores(np.concatenate(ref_all), np.concatenate(got_all)) if ref_all else {}
+        return (min(pooled.values()) if pooled else 1.0), per_item

@@ -70,7 +70,8 @@ def run_ov(path, x):
 @pytest.mark.parametrize("affine", [True, False])
 def test_same_function_as_torch_instance_norm(cls, shape, affine):
     norm = _norm(cls, shape[1], affine)
-    x = torch.randn(shape, dtype=torch.float64) * 3 + 5  # an offset mean, as conv outputs have
+    # an offset mean, as conv outputs have; seeded: the float32 comparison is to 2e-6
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(len(shape))) * 3 + 5
     with torch.no_grad():
         exact = copy.deepcopy(norm).double()(x)
         stable32 = StableInstanceNorm(norm)(x.float())

@@ -168,3 +168,62 @@ def test_channels_last_upscaling_equals_the_official_transposed_convolutions():
         official = (hyper @ up.reshape(2, 4, -1)).reshape(2, 4, 32, 24)
         got = dec.masks_channels_last(tokens, hyper, 8, 6)
     torch.testing.assert_close(got, official, rtol=1e-5, atol=1e-5)
+
+
+def _official_attention(att, q, k, v):
+    """segment_anything's decoder Attention: project, split heads, softmax(q k^T / sqrt d) v,
+    merge heads, out_proj."""
+    def split(x):
+        b, n, c = x.shape
+        return x.reshape(b, n, att.heads, c // att.heads).transpose(1, 2)
+    q, k, v = split(att.q_proj(q)), split(att.k_proj(k)), split(att.v_proj(v))
+    out = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1) @ v
+    b, h, n, c = out.shape
+    return att.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
+
+
+@pytest.mark.parametrize("n_tokens", [1, 7, 12])
+def test_few_token_attention_equals_the_official_attention(n_tokens):
+    """The decoder's two cross attentions written without projecting or head-splitting the
+    4096 image tokens (folded into the few prompt tokens' side): the official numbers, in
+    both directions, batched, with the image side broadcast from one image, and with the
+    first block's image projections given already."""
+    from omedge.models.layers.sam import Attention
+    torch.manual_seed(n_tokens)
+    att = Attention(256, 8, 2)
+    for m in att.modules():
+        if isinstance(m, torch.nn.Linear):  # fan-in scaled, biases away from 0
+            torch.nn.init.normal_(m.weight, 0.0, m.in_features ** -0.5)
+            torch.nn.init.normal_(m.bias, 0.0, 0.5)
+    image, image_v = torch.randn(1, 4096, 256) * 2, torch.randn(1, 4096, 256)
+    tokens, tokens_v = torch.randn(3, n_tokens, 256) * 2, torch.randn(3, n_tokens, 256)
+    with torch.no_grad():
+        pairs = [(att.tokens_over_image(tokens, image, image_v),
+                  _official_attention(att, tokens, image.expand(3, -1, -1), image_v.expand(3, -1, -1))),
+                 (att.image_over_tokens(image, tokens, tokens_v),
+                  _official_attention(att, image.expand(3, -1, -1), tokens, tokens_v))]
+        q, k, v = att.q_proj(image).expand(3, -1, -1), att.k_proj(image), att.v_proj(image_v)
+        pairs.append((att.image_over_tokens(q, tokens, tokens_v, projected=True),
+                      _official_attention(att, image.expand(3, -1, -1), tokens, tokens_v)))
+        pairs.append((att.tokens_over_image(tokens, k, v, projected=True),
+                      _official_attention(att, tokens, image.expand(3, -1, -1), image_v.expand(3, -1, -1))))
+    for got, official in pairs:
+        assert got.shape == official.shape
+        torch.testing.assert_close(got, official, rtol=1e-4, atol=2e-5)
+
+
+def test_batched_hypernetworks_equal_the_four_mask_mlps():
+    """The 4 output_hypernetworks_mlps run as 3 stacked matmuls: each mask token through
+    its own MLP (Linear-ReLU-Linear-ReLU-Linear), as the official decoder loops over them."""
+    dec = models.build(models.get_spec("sam"), "tiny", seed=4).mask_decoder
+    for p in dec.output_hypernetworks_mlps.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.3)
+    tokens = torch.randn(3, 4, dec.iou_token.weight.shape[1], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        official = []
+        for i, mlp in enumerate(dec.output_hypernetworks_mlps):
+            x = tokens[:, i]
+            for j, layer in enumerate(mlp.layers):
+                x = layer(x) if j == len(mlp.layers) - 1 else F.relu(layer(x))
+            official.append(x)
+        torch.testing.assert_close(dec.hypernetworks(tokens), torch.stack(official, dim=1), rtol=1e-5, atol=1e-6)

@@ -243,6 +243,50 @@ class Attention(nn.Module):
         b, h, n, c = out.shape
         return linear_2d(self.out_proj, out.transpose(1, 2).reshape(b, n, h * c))
 
+    def _head_mask(self, x):
+        """(heads, inner): 1 where channel r belongs to head h."""
+        inner = self.q_proj.out_features
+        return torch.eye(self.heads, dtype=x.dtype).repeat_interleave(inner // self.heads, dim=1)
+
+    def tokens_over_image(self, tokens, image_k, image_v, projected: bool = False):
+        """forward(tokens, image_k, image_v) for a few tokens over the 4096 image tokens,
+        without projecting the image tokens: per head, scores = (q_h Wk_h / sqrt d) image_k^T
+        (q_h . bk_h is the same for every image token, so the softmax drops it) and
+        out_h = (P_h image_v) Wv_h^T + bv_h (P's rows sum to 1). The k and v projections of
+        4096 x 256 tokens (0.27 GMAC per prompt) become two (8 n) x 256 x 4096 products.
+        projected: image_k / image_v are already through k_proj / v_proj (the cached first
+        block); the same block-diagonal rows then spare splitting them into heads."""
+        b, n, _ = tokens.shape
+        q = self.q_proj(tokens)
+        inner, mask = q.shape[-1], self._head_mask(tokens)
+        rows = (q[:, None] * mask[None, :, None]).reshape(b, self.heads * n, inner)  # row (head, token)
+        a = (rows if projected else rows @ self.k_proj.weight) / math.sqrt(inner // self.heads)
+        # scores as (b, 4096, 8 n), normalised over the image tokens: OpenVINO would fuse
+        # the (8 n, 4096) form into its attention kernel, 2x slower here than two matmuls
+        p = (image_k @ a.transpose(1, 2)).softmax(dim=1).transpose(1, 2)
+        y = p @ image_v if projected else (p @ image_v) @ self.v_proj.weight.t()
+        out = (y.reshape(b, self.heads, n, inner) * mask[None, :, None]).sum(1)
+        return self.out_proj(out if projected else out + self.v_proj.bias)
+
+    def image_over_tokens(self, image, tokens_k, tokens_v, projected: bool = False):
+        """forward(image, tokens_k, tokens_v) for the 4096 image tokens over a few tokens:
+        the tokens' keys as a block-diagonal (inner, heads * n) matrix give every head's
+        scores in one product (q Wq folded into it unless `projected`), and the out
+        projection is applied to the few values first, so no 4096-token tensor is projected,
+        split into heads or transposed."""
+        b, n, _ = tokens_k.shape
+        k, v = self.k_proj(tokens_k), self.v_proj(tokens_v)
+        inner, mask = k.shape[-1], self._head_mask(tokens_k)
+        kb = (k.transpose(1, 2)[:, :, None] * mask.t()[None, :, :, None]).reshape(b, inner, self.heads * n)
+        kb = kb / math.sqrt(inner // self.heads)
+        if projected:
+            s = image @ kb
+        else:
+            s = image @ (self.q_proj.weight.t() @ kb) + (self.q_proj.bias @ kb)[:, None]
+        p = s.unflatten(-1, (self.heads, n)).softmax(dim=-1).flatten(-2)
+        vb = (v[:, None] * mask[None, :, None]).reshape(b, self.heads * n, inner)  # row (head, token)
+        return p @ (vb @ self.out_proj.weight.t()) + self.out_proj.bias
+
 
 def linear_2d(layer: nn.Linear, x):
     """A Linear on (b, n, c) as one (b*n, c) matmul: exported as Gemm with the bias fused
@@ -279,16 +323,18 @@ class TwoWayBlock(nn.Module):
         q = queries + query_pe
         if image_side is None:
             k = keys + key_pe  # the keys do not change before the image->token attention below
-            queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+            queries = self.norm2(queries + self.cross_attn_token_to_image.tokens_over_image(q, k, keys))
         else:
-            attn = self.cross_attn_token_to_image(q, image_side["image_k"], image_side["image_v"], "kv")
+            attn = self.cross_attn_token_to_image.tokens_over_image(q, image_side["image_k"], image_side["image_v"],
+                                                                   True)
             queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
         q = queries + query_pe
         if image_side is None:
-            keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+            keys = self.norm4(keys + self.cross_attn_image_to_token.image_over_tokens(k, q, queries))
         else:
-            keys = self.norm4(keys + self.cross_attn_image_to_token(image_side["image_q"], q, queries, "q"))
+            attn = self.cross_attn_image_to_token.image_over_tokens(image_side["image_q"], q, queries, True)
+            keys = self.norm4(keys + attn)
         return queries, keys
 
 
@@ -305,7 +351,7 @@ class TwoWayTransformer(nn.Module):
         for i, layer in enumerate(self.layers):
             queries, keys = layer(queries, keys, tokens, key_pe, image_side if i == 0 else None)
         q, k = queries + tokens, keys + key_pe
-        return self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys)), keys
+        return self.norm_final_attn(queries + self.final_attn_token_to_image.tokens_over_image(q, k, keys)), keys
 
 
 class MLP(nn.Module):
@@ -347,12 +393,25 @@ class MaskDecoder(nn.Module):
             image_side = {k: v.expand(b, -1, -1) for k, v in image_side.items()}
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])[None].expand(b, -1, -1)
         tokens = torch.cat([out_tokens, sparse], dim=1)
-        src = image.expand(b, -1, -1, -1) + dense
-        pos = image_pe.expand(b, -1, -1, -1)
+        # image and positions stay batch 1 (broadcast against the prompts): their token
+        # layout is computed once per run, and for the constant positions at export time
+        src = image + dense
         _, c, h, w = src.shape
-        hs, src = self.transformer(src, pos, tokens, image_side)
-        hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
+        hs, src = self.transformer(src, image_pe, tokens, image_side)
+        hyper = self.hypernetworks(hs[:, 1:1 + self.n_masks])
         return self.masks_channels_last(src, hyper, h, w), self.iou_prediction_head(hs[:, 0])
+
+    def hypernetworks(self, mask_tokens):
+        """The 4 per-mask MLPs on (b, 4, dim) mask tokens as 3 batched matmuls (one per
+        layer, the 4 weights stacked) instead of 12 one-row products: -> (b, 4, dim // 8)."""
+        x = mask_tokens.transpose(0, 1)                           # (4, b, dim)
+        mlps = self.output_hypernetworks_mlps
+        for i in range(len(mlps[0].layers)):
+            weight = torch.stack([m.layers[i].weight.t() for m in mlps])
+            bias = torch.stack([m.layers[i].bias for m in mlps])[:, None]
+            x = x @ weight + bias
+            x = F.relu(x) if i < len(mlps[0].layers) - 1 else x
+        return x.transpose(0, 1)
 
     def masks_channels_last(self, tokens, hyper, h: int, w: int):
         """output_upscaling + the hypernetwork product on (b, h*w, c) tokens, channels last:
