@@ -224,6 +224,7 @@ class _Job:
         from .builders import build
         from .onnx import export_onnx
         from .verify import verify_artifact
+        _import_natives(self.recipes)
         with BundleWriter(self.out, overwrite=overwrite) as writer:
             n_params = sum(p.numel() for p in self.model.parameters())
             writer.check_space(int(n_params * 4 * (1 + len(self.recipes)) * 1.2) + (50 << 20))
@@ -304,6 +305,19 @@ class _Job:
 def _shaped(tensors: list[dict], shapes: dict) -> list[dict]:
     """Tensor dicts with the sizes the built model fixes filled in."""
     return [{**t, "shape": list(shapes[t["name"]])} if t["name"] in shapes else t for t in tensors]
+
+
+def _import_natives(recipes) -> None:
+    """Import onnx and the recipes' backends before the partial bundle exists: a Ctrl-C or
+    SIGTERM landing inside a native extension's first import (its module init calling back
+    into Python) aborted the interpreter (SIGABRT) instead of cleaning up (seen in CI)."""
+    import importlib
+    modules = {"onnxruntime": "onnxruntime", "openvino": "openvino", "llama.cpp": "llama_cpp"}
+    for name in ["onnx", *dict.fromkeys(modules[b] for r in recipes for b in r.backends if b in modules)]:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a missing backend is reported where it is needed
+            pass
 
 
 def _refuse_failures(artifacts: list[Artifact], force: bool) -> None:

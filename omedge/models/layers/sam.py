@@ -225,23 +225,12 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
         self.out_proj = nn.Linear(inner, dim)
 
-    def _split(self, x, layer=None):
-        """(b, n, c) -> (b, heads, n, c / heads), through `layer` first if given."""
-        b, n, c = x.shape
-        if layer is not None:
-            x, c = linear_2d(layer, x), layer.out_features
-        return x.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
-
-    def forward(self, q, k, v, projected: str = ""):
-        """projected: which of q/k/v ("qkv" letters) are given already through their
-        projection (the image side of the first block, computed once per image)."""
-        q = self._split(q, None if "q" in projected else self.q_proj)
-        k = self._split(k, None if "k" in projected else self.k_proj)
-        v = self._split(v, None if "v" in projected else self.v_proj)
-        attn = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        out = attn.softmax(dim=-1) @ v
-        b, h, n, c = out.shape
-        return linear_2d(self.out_proj, out.transpose(1, 2).reshape(b, n, h * c))
+    def forward(self, q, k, v):
+        """The official attention: the decoder's self-attention over its few tokens."""
+        q, k, v = (layer(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for layer, x in ((self.q_proj, q), (self.k_proj, k), (self.v_proj, v)))
+        out = ((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])).softmax(dim=-1) @ v
+        return self.out_proj(out.transpose(1, 2).flatten(2))
 
     def _head_mask(self, x):
         """(heads, inner): 1 where channel r belongs to head h."""
@@ -286,12 +275,6 @@ class Attention(nn.Module):
         p = s.unflatten(-1, (self.heads, n)).softmax(dim=-1).flatten(-2)
         vb = (v[:, None] * mask[None, :, None]).reshape(b, self.heads * n, inner)  # row (head, token)
         return p @ (vb @ self.out_proj.weight.t()) + self.out_proj.bias
-
-
-def linear_2d(layer: nn.Linear, x):
-    """A Linear on (b, n, c) as one (b*n, c) matmul: exported as Gemm with the bias fused
-    (a 3-D MatMul + Add re-reads the 4096 image tokens once more per projection)."""
-    return F.linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias).reshape(*x.shape[:-1], layer.out_features)
 
 
 class TwoWayBlock(nn.Module):
