@@ -8,7 +8,9 @@ from .. import offline
 # From a model input through these to the first layer with weights: that layer reads the data itself
 _PASS_THROUGH = {"Convert", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Add", "Subtract", "Multiply",
                  "Divide", "Pad", "Concat", "Gather", "Broadcast"}
-_WEIGHTED = {"Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul"}
+# Layers with weights (one list for the bf16 marks here and NNCF's float-layer record)
+WEIGHTED_OPS = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData",
+                "MatMul")
 
 
 def convert(onnx_path: Path):
@@ -99,7 +101,7 @@ def input_layers(model) -> list[str]:
             if name in seen:
                 continue
             seen.add(name)
-            if kind in _WEIGHTED and _has_weights(node):
+            if kind in WEIGHTED_OPS and _has_weights(node):
                 found.append(name)
                 found += [a.get_friendly_name() for a in _bias_adds(node)]
             elif kind in _PASS_THROUGH:

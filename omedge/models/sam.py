@@ -11,7 +11,8 @@ from torch import nn
 from ..errors import CheckpointError
 from ..spec import GraphSpec, ModelSpec, TensorSpec
 from .checkpoint import strip_prefix, unwrap
-from .layers.sam import ImageEncoderViT, MaskDecoder, PromptEncoder
+from .layers.sam import ImageEncoderViT, PromptEncoder
+from .layers.sam_decoder import MaskDecoder
 
 SAM_MEAN = [123.675, 116.28, 103.53]
 SAM_STD = [58.395, 57.12, 57.375]

@@ -8,7 +8,6 @@ import time
 
 SMOOTHQUANT_MIN = 32  # calibration samples from which SmoothQuant's fitted scales generalise
 BUDGET_ENV = "OMEDGE_INT8_BUDGET_S"  # overrides a metric's time budget for accuracy control (seconds)
-WEIGHTED = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData", "MatMul")
 
 
 class AccuracyBudgetExceeded(Exception):
@@ -31,7 +30,8 @@ def output_layers(ov_model) -> list[str]:
 def float_layers(ov_model) -> list[str]:
     """Convolutions / MatMuls whose activation input is not fake-quantized: the layers that
     run in float in the INT8 IR (read from the graph, so the record is what was saved)."""
-    return [n.get_friendly_name() for n in ov_model.get_ordered_ops() if n.get_type_name() in WEIGHTED
+    from ..exporters.openvino import WEIGHTED_OPS
+    return [n.get_friendly_name() for n in ov_model.get_ordered_ops() if n.get_type_name() in WEIGHTED_OPS
             and n.input_value(0).get_node().get_type_name() != "FakeQuantize"]
 
 

@@ -188,7 +188,7 @@ def test_few_token_attention_equals_the_official_attention(n_tokens):
     4096 image tokens (folded into the few prompt tokens' side): the official numbers, in
     both directions, batched, with the image side broadcast from one image, and with the
     first block's image projections given already."""
-    from omedge.models.layers.sam import Attention
+    from omedge.models.layers.sam_decoder import Attention
     torch.manual_seed(n_tokens)
     att = Attention(256, 8, 2)
     for m in att.modules():

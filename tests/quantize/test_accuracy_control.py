@@ -15,7 +15,8 @@ import omedge.models as models
 from omedge.errors import ExportError
 from omedge.kinds import get_kind
 from omedge.kinds.volume_parity import WindowDice
-from omedge.quantize.nncf_int8 import BUDGET_ENV, WEIGHTED
+from omedge.exporters.openvino import WEIGHTED_OPS
+from omedge.quantize.nncf_int8 import BUDGET_ENV
 from omedge.runtime.volume import synthetic_ct
 from tests.conftest import manifest_dict as read_manifest
 
@@ -93,7 +94,7 @@ def test_record_lists_float_layers_and_the_metric_the_bundle_has(int8_bundle, st
     # the float layers are read back from the saved IR: convolutions not fed by a FakeQuantize
     ir = ov.Core().read_model(int8_bundle / art["entry"])
     convs = {n.get_friendly_name(): n.input_value(0).get_node().get_type_name()
-             for n in ir.get_ordered_ops() if n.get_type_name() in WEIGHTED}
+             for n in ir.get_ordered_ops() if n.get_type_name() in WEIGHTED_OPS}
     assert set(q["float_layers"]) == {k for k, v in convs.items() if v != "FakeQuantize"}
     assert len(q["float_layers"]) < len(convs)  # most of the net is INT8
     if ac["iterations"]:
