@@ -56,6 +56,7 @@ def cmd_devices(args):
     out.print(f"[bold]CPU[/bold]: {cpu['model']} ({cpu.get('vendor', '')}), {cpu.get('physical_cores')} physical / "
               f"{cpu['logical_cores']} logical cores, {cpu['usable_cores']} usable; "
               f"ISA: {', '.join(cpu['isa']) or 'baseline'}")
+    out.print(f"[bold]INT8[/bold]: {'exact' if inv['int8']['exact'] else 'saturating'}, {inv['int8']['why']}")
     if inv["nvidia_gpus"]:
         for g in inv["nvidia_gpus"]:
             out.print(f"[bold]NVIDIA GPU {g['index']}[/bold]: {g['name']}, {g['memory_mb']} MiB, driver {g['driver']}")

@@ -100,5 +100,21 @@ def openvino_devices() -> list[dict]:
     return devices
 
 
+EXACT_INT8_ISA = ("AVX512-VNNI", "AVX-VNNI", "AMX-INT8")  # u8 x s8 dot products without 16-bit pair sums
+
+
+def int8_dot_products() -> dict:
+    """How this CPU's INT8 kernels (onnxruntime, oneDNN) sum u8 x s8 products. Without
+    VNNI/AMX pairs are summed in 16 bits and saturate on full 8-bit weights, so INT8 is
+    exact only with 7-bit weights (what omedge writes)."""
+    info = cpu_info()
+    exact = sorted(set(EXACT_INT8_ISA) & set(info["isa"]))
+    if exact or info["arch"] not in ("x86_64", "AMD64"):
+        return {"exact": True, "why": f"32-bit accumulation ({', '.join(exact) or info['arch']})"}
+    return {"exact": False, "why": "no VNNI/AMX: u8 x s8 pairs are summed in 16 bits, which saturate on full "
+                                   "8-bit weights; 7-bit INT8 weights (omedge's) are exact"}
+
+
 def inventory() -> dict:
-    return {"cpu": cpu_info(), "nvidia_gpus": nvidia_gpus(), "openvino_devices": openvino_devices()}
+    return {"cpu": cpu_info(), "int8": int8_dot_products(), "nvidia_gpus": nvidia_gpus(),
+            "openvino_devices": openvino_devices()}

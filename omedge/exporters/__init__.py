@@ -297,9 +297,16 @@ class _Job:
             preprocess={**self.pre, "official": spec.official},
             artifacts=artifacts, constants=self.constants, calibration=self.calib_info,
             verification={"file": "parity.npz", "samples": len(self.verify_feeds), **self.verify_info,
-                          "reference": "torch fp32 eager on this machine"},
+                          "reference": "torch fp32 eager on this machine", "machine": _machine()},
             export={"onnx": onnx_info, "peak_rss_mb": peak_rss_mb()},
             forced=any(not a.parity["passed"] for a in artifacts), tools=_versions())
+
+
+def _machine() -> dict:
+    """The CPU the parity figures were measured on: INT8 and bf16 results depend on its ISA."""
+    from ..devices import cpu_info
+    info = cpu_info()
+    return {"cpu": info["model"], "isa": info["isa"]}
 
 
 def _shaped(tensors: list[dict], shapes: dict) -> list[dict]:

@@ -2,7 +2,7 @@
 other combination was skipped. Only artifacts verified on that very backend qualify."""
 from __future__ import annotations
 
-from ..devices import cpu_info
+from ..devices import cpu_info, int8_dot_products
 from ..formats import backends_for
 from ..manifest import Artifact
 from .backends import INSTALL_HINT, probe
@@ -55,9 +55,26 @@ def plan(artifacts: list[Artifact], device: str = "auto", backend: str = "auto")
                 skipped.append(f"{name} on {dev}: {reason}")
                 continue
             for a in usable:
-                if a.passed_on(name):
+                if dev == "cpu" and saturates_here(a):
+                    skipped.append(f"{name} on {dev} ({a.name}): {SATURATION}")
+                elif a.passed_on(name):
                     candidates.append((a, name, dev))
                 else:
                     skipped.append(f"{name} on {dev} ({a.name}): not verified on {name} at export "
                                    "(failed or absent parity record), not used")
     return candidates, skipped
+
+
+SATURATION = ("its INT8 weights use the full 8-bit range, and this CPU has no VNNI: its u8 x s8 kernels sum "
+              "pairs in 16 bits, which saturate on such weights, so its answers would differ from the verified "
+              "ones (seen: cosine 0.965 for 0.995) -> re-export the bundle with this omedge (7-bit weights, "
+              "exact on every x86 CPU)")
+
+
+def saturates_here(artifact: Artifact) -> bool:
+    """An INT8 artifact with quantized activations and full-range weights (bundles from
+    before the 7-bit rule) on a CPU whose int8 dot products saturate: not used."""
+    q = artifact.quantization or {}
+    if not q or q.get("activations", "float") == "float" or q.get("weight_range") == "7-bit":
+        return False
+    return not int8_dot_products()["exact"]

@@ -122,7 +122,7 @@ def test_kind_without_a_metric_keeps_plain_quantization(tmp_path):
                       calib="synthetic", calib_size=4, out=tmp_path / "brow", force=True)
     q = read_manifest(b)["artifacts"][0]["quantization"]
     assert q["method"] == "NNCF post-training quantization (model_type=TRANSFORMER)"
-    assert set(q) - {"float_nodes"} == {"method", "calibration_method", "weights", "activations",
+    assert set(q) - {"float_nodes"} == {"method", "calibration_method", "weights", "weight_range", "activations",
                                         "calibration_samples", "nncf"}
 
 

@@ -49,8 +49,10 @@ def test_int8_from_a_dozen_tiles_passes_on_outlier_activations(tmp_path, brow_ou
     art = m["artifacts"][0]
     q = art["quantization"]
     assert q["calibration_method"].startswith("percentile") and q["calibration_samples"] == 9
-    # MinMax ranges scored 0.9905 here: they pass the 0.99 gate by chance, not with a margin
-    assert art["parity"]["passed"] and art["parity"]["outputs"]["embedding"]["cosine_min"] >= 0.995
+    # 7-bit weights (exact on every x86 CPU, VNNI or not): 0.9922 with percentile ranges;
+    # MinMax ranges scored 0.9904 and failed on raw pictures (0.981)
+    assert q["weight_range"] == "7-bit"
+    assert art["parity"]["passed"] and art["parity"]["outputs"]["embedding"]["cosine_min"] >= 0.991
     assert len(q["worst_layers"]) == 5 and all(r["node"] and r["cosine_out"] <= 1.0 for r in q["worst_layers"])
 
 
