@@ -69,7 +69,8 @@ def quantize_static(ov_model, calib: list[dict], metric=None) -> tuple[object, d
                       ignored_scope=nncf.IgnoredScope(names=heads, validate=False) if heads else None)
         dataset = nncf.Dataset([dict(feed) for feed in calib])
         if metric is None:
-            return nncf.quantize(ov_model, dataset, **common, advanced_parameters=AdvancedQuantizationParameters(**params))
+            return nncf.quantize(ov_model, dataset, **common,
+                                 advanced_parameters=AdvancedQuantizationParameters(**params))
         return _accuracy_aware(ov_model, dataset, calib, metric, AdvancedQuantizationParameters(**params), common)
     bias = "fast bias correction"
     try:
