@@ -6,6 +6,8 @@ import os
 import re
 import time
 
+from . import WEIGHTS_7BIT
+
 SMOOTHQUANT_MIN = 32  # calibration samples from which SmoothQuant's fitted scales generalise
 BUDGET_ENV = "OMEDGE_INT8_BUDGET_S"  # overrides a metric's time budget for accuracy control (seconds)
 
@@ -84,8 +86,7 @@ def quantize_static(ov_model, calib: list[dict], metric=None) -> tuple[object, d
               f"NNCF for transformers without SmoothQuant (under {SMOOTHQUANT_MIN} samples): min/max ranges, "
               f"{bias}")
     info = {"method": "NNCF post-training quantization (model_type=TRANSFORMER)", "calibration_method": method,
-            "weights": "int8 per-channel, 7-bit range (exact on CPUs without VNNI)", "weight_range": "7-bit",
-            "activations": "int8 per-tensor",
+            **WEIGHTS_7BIT, "activations": "int8 per-tensor",
             "calibration_samples": len(calib), "nncf": nncf.__version__}
     if heads:
         info["float_nodes"] = f"the output layer(s) {', '.join(heads)}"

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import onnx
 
+from . import WEIGHTS_7BIT
+
 PERCENTILE = 99.999
-WEIGHTS = "int8 per-channel, 7-bit range (exact on CPUs without VNNI)"
 DIAGNOSE_LAYERS = 5
 
 
@@ -99,7 +100,7 @@ def quantize_static(src: Path, dst: Path, calib: list[dict]) -> dict:
     info = {"method": "onnxruntime static QDQ", "calibration_method": method_name,
             "activations": "uint8 per-tensor (range: " + (f"{PERCENTILE}th percentile of the calibration histogram)"
                                                           if same_shape else "min/max over the calibration inputs)"),
-            "weights": WEIGHTS, "weight_range": "7-bit", "calibration_samples": len(calib),
+            **WEIGHTS_7BIT, "calibration_samples": len(calib),
             "float_nodes": f"{len(excluded) - len(heads)} activation x activation MatMuls"
                            + (f", the output layer(s) {', '.join(heads)}" if heads else "")}
     if worst:
@@ -115,5 +116,5 @@ def quantize_dynamic(src: Path, dst: Path) -> dict:
     from ..exporters.onnx import uses_external_data
     qd(str(src), str(dst), per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
        op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=uses_external_data(src))
-    return {"method": "onnxruntime dynamic", "weights": WEIGHTS, "weight_range": "7-bit",
+    return {"method": "onnxruntime dynamic", **WEIGHTS_7BIT,
             "activations": "uint8, range computed per batch at run time"}
