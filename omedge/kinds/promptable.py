@@ -163,14 +163,20 @@ def embed_with(run, pre: dict, image, artifact: str = "") -> Embedding:
     return Embedding(emb, size, resized, artifact, out)
 
 
+def decoder_feeds(emb: Embedding, coords, labels) -> dict:
+    """The decoder's inputs: the encoder's side outputs and the prompts; the embedding itself
+    only for bundles exported before the encoder gave its token layout (image_tokens)."""
+    image = {} if "image_tokens" in emb.decoder_side else {"image_embeddings": emb.image_embeddings}
+    return {**image, **emb.decoder_side, "point_coords": coords, "point_labels": labels}
+
+
 def segment_with(run, pre: dict, emb: Embedding, boxes=None, points=None, point_labels=None,
                  multimask_output=False):
     """Prompts -> the decoder over any runner -> masks at the embedded image's size, scores."""
     if not isinstance(emb, Embedding):
         raise InputError("segment() takes the result of embed(image)", "emb = p.embed(image)")
     coords, labels = prompt_arrays(emb.original_size, emb.resized_size, boxes, points, point_labels)
-    out = run("decoder", {"image_embeddings": emb.image_embeddings, **emb.decoder_side, "point_coords": coords,
-                          "point_labels": labels})
+    out = run("decoder", decoder_feeds(emb, coords, labels))
     pick = slice(1, 4) if multimask_output else slice(0, 1)
     logits = postprocess_masks(out["low_res_masks"][:, pick], int(pre["image_size"]), emb.resized_size,
                                emb.original_size)
@@ -208,7 +214,8 @@ class PromptableKind(Kind):
         pre = {**pre, "image_size": s, "low_res_size": 4 * grid}
         emb = (1, dim, grid, grid)
         inner = model.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.out_features
-        side = {name: (1, grid * grid, inner) for name in ("image_q", "image_k", "image_v")}
+        side = {"image_tokens": (1, grid * grid, dim), **{name: (1, grid * grid, inner)
+                                                           for name in ("image_q", "image_k", "image_v")}}
         return pre, {"pixel_values": (1, 3, s, s), "image_embeddings": emb, **side,
                      "low_res_masks": (None, 4, 4 * grid, 4 * grid)}
 
@@ -290,8 +297,7 @@ class PromptableKind(Kind):
         import time
         emb = p.embed(np.zeros((600, 800, 3), np.uint8))
         coords, labels = prompt_arrays((600, 800), emb.resized_size, boxes=[[100, 120, 420, 380]])
-        feeds = {"image_embeddings": emb.image_embeddings, **emb.decoder_side, "point_coords": coords,
-                 "point_labels": labels}
+        feeds = decoder_feeds(emb, coords, labels)
         out = {}
         for name, call in (("decoder", lambda: p.run_graph("decoder", feeds)),
                            ("segment", lambda: p.segment(emb, boxes=[[100, 120, 420, 380]]))):

@@ -12,7 +12,7 @@ from ..errors import CheckpointError
 from ..spec import GraphSpec, ModelSpec, TensorSpec
 from .checkpoint import strip_prefix, unwrap
 from .layers.sam import ImageEncoderViT, PromptEncoder
-from .layers.sam_decoder import MaskDecoder
+from .layers.sam_decoder import MaskDecoder, tokens_of
 
 SAM_MEAN = [123.675, 116.28, 103.53]
 SAM_STD = [58.395, 57.12, 57.375]
@@ -46,17 +46,21 @@ class Sam(nn.Module):
     def _dense(self):
         return self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
 
-    def decode(self, image_embeddings, point_coords, point_labels, image_side=None):
-        """The official decoder; `image_side` (from forward) skips recomputing its part."""
-        sparse = self.prompt_encoder.embed_points(point_coords, point_labels)
-        masks, iou = self.mask_decoder(image_embeddings, self.prompt_encoder.dense_pe(), sparse, self._dense(),
-                                       image_side)
-        return {"low_res_masks": masks, "iou_predictions": iou}
+    def decode(self, image_embeddings, point_coords, point_labels):
+        """The official decoder on an embedding, everything recomputed per call."""
+        return self._decode(tokens_of(image_embeddings + self._dense()), point_coords, point_labels)
 
-    def decode_cached(self, image_embeddings, image_q, image_k, image_v, point_coords, point_labels):
+    def decode_cached(self, image_tokens, image_q, image_k, image_v, point_coords, point_labels):
         """The decoder graph: prompts against one image's cached encoder outputs."""
         side = {"image_q": image_q, "image_k": image_k, "image_v": image_v}
-        return self.decode(image_embeddings, point_coords, point_labels, side)
+        return self._decode(image_tokens, point_coords, point_labels, side)
+
+    def _decode(self, image_tokens, point_coords, point_labels, image_side=None):
+        sparse = self.prompt_encoder.embed_points(point_coords, point_labels)
+        # the positions' token layout is a constant of the exported graph
+        masks, iou = self.mask_decoder(image_tokens, tokens_of(self.prompt_encoder.dense_pe()), sparse,
+                                       self.grid, self.grid, image_side)
+        return {"low_res_masks": masks, "iou_predictions": iou}
 
     def graph_modules(self) -> dict:
         """One module per GraphSpec role (the exporters' multi-graph protocol)."""
@@ -89,10 +93,12 @@ def remap(raw):
 
 def _tensors():
     """Spatial sizes are None: the variant fixes them, the manifest records the real ones."""
-    side = tuple(TensorSpec(f"image_{p}", "NLC", shape=(1, None, None),
-                            description=f"first decoder block's {what} of the image tokens, once per image")
-                 for p, what in (("q", "image->token query projection"), ("k", "token->image key projection"),
-                                 ("v", "token->image value projection")))
+    side = (TensorSpec("image_tokens", "NLC", shape=(1, None, None),
+                       description="the embedding + no-mask embedding as tokens, the decoder's layout, once per image"),
+            *(TensorSpec(f"image_{p}", "NLC", shape=(1, None, None),
+                         description=f"first decoder block's {what} of the image tokens, once per image")
+              for p, what in (("q", "image->token query projection"), ("k", "token->image key projection"),
+                              ("v", "token->image value projection"))))
     return (
         (TensorSpec("pixel_values", "NCHW", shape=(1, 3, None, None),
                     description="RGB resized (longest side) and zero-padded, normalised"),
@@ -107,9 +113,9 @@ def _tensors():
          TensorSpec("iou_predictions", "NC", shape=(None, 4), dynamic={0: "prompts"})))
 
 
-SIDE = ("image_q", "image_k", "image_v")
+SIDE = ("image_tokens", "image_q", "image_k", "image_v")
 GRAPHS = (GraphSpec("encoder", ("pixel_values",), ("image_embeddings", *SIDE)),
-          GraphSpec("decoder", ("image_embeddings", *SIDE, "point_coords", "point_labels"),
+          GraphSpec("decoder", (*SIDE, "point_coords", "point_labels"),
                     ("low_res_masks", "iou_predictions"), quantize="if-passes"))
 PREPROCESS = {"color": "RGB", "grayscale": "replicate", "alpha": "drop", "resize": "longest_side",
               "interpolation": "bilinear", "pad": "bottom_right", "mean": SAM_MEAN, "std": SAM_STD,

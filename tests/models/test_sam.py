@@ -146,7 +146,7 @@ def test_decoder_graph_with_the_cached_image_side_equals_the_official_decoder(tm
     with torch.no_grad():
         enc = model(x)
         official = model.decode(enc["image_embeddings"], torch.from_numpy(coords), torch.from_numpy(labels))
-        cached = model.graph_modules()["decoder"](enc["image_embeddings"], enc["image_q"], enc["image_k"],
+        cached = model.graph_modules()["decoder"](enc["image_tokens"], enc["image_q"], enc["image_k"],
                                                   enc["image_v"], torch.from_numpy(coords), torch.from_numpy(labels))
     assert enc["image_k"].shape == (1, 64, 16)  # the tiny grid 8 x 8, internal width 32 // 2
     for name in ("low_res_masks", "iou_predictions"):
