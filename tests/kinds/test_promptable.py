@@ -200,3 +200,50 @@ def test_cli_preview_draws_each_mask_in_its_colour(fp32_bundle, tmp_path):
     np.testing.assert_array_equal(pic[inner & ~mask], img[inner & ~mask])
     edge = pic[40, 60:201]  # the box's top edge, in the prompt's colour
     assert (np.abs(edge - colour).max(axis=1) <= 1).mean() > 0.9
+
+
+def test_a_decoder_that_takes_the_embedding_still_runs(sam_ckpt, tmp_path):
+    """Bundles exported before the encoder gave image_tokens have a decoder that takes
+    image_embeddings (and would refuse the extra input on onnxruntime): segment_with feeds
+    each its own inputs, and both decoders give the same masks."""
+    import onnxruntime as ort
+
+    from omedge.exporters.onnx import export_onnx
+    from omedge.kinds.promptable import Embedding, decoder_feeds, segment_with
+    from omedge.models.layers.sam_decoder import tokens_of
+    from omedge.models.sam import SAM_MEAN, SAM_STD, SIDE
+    model = models.load(models.get_spec("sam"), sam_ckpt)[0].eval()
+
+    class Older(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sam = model
+
+        def forward(self, image_embeddings, image_q, image_k, image_v, point_coords, point_labels):
+            tokens = tokens_of(image_embeddings + self.sam._dense())
+            return self.sam.decode_cached(tokens, image_q, image_k, image_v, point_coords, point_labels)
+    pre = {"image_size": 128, "mean": SAM_MEAN, "std": SAM_STD, "mask_threshold": 0.0}
+    x = prepare_image(np.random.default_rng(3).integers(0, 255, (100, 128, 3), np.uint8), pre)[0]
+    with torch.no_grad():
+        enc = {k: v.numpy() for k, v in model(torch.from_numpy(x)).items()}
+    coords, labels = prompt_arrays((100, 128), (100, 128), boxes=[[10, 12, 80, 70]])
+    prompts = [{"name": n, "dynamic": {"0": "prompts", "1": "points"}} for n in ("point_coords", "point_labels")]
+    masks = {}
+    for name, module, inputs in (("current", model.graph_modules()["decoder"], SIDE),
+                                 ("older", Older(), ("image_embeddings", *SIDE[1:]))):
+        path = tmp_path / f"{name}.onnx"
+        example = tuple(torch.from_numpy(v) for v in (*(enc[n] for n in inputs), coords, labels))
+        export_onnx(module, example, path, [{"name": n} for n in inputs] + prompts,
+                    [{"name": "low_res_masks", "dynamic": {"0": "prompts"}}, {"name": "iou_predictions"}])
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        side = {k: v for k, v in enc.items() if k != "image_embeddings" and (name == "current" or k != "image_tokens")}
+        emb = Embedding(enc["image_embeddings"], (100, 128), (100, 128), name, side)
+
+        def run(role, feeds, s=session):
+            return dict(zip(("low_res_masks", "iou_predictions"), s.run(None, feeds)))
+        masks[name] = segment_with(run, pre, emb, boxes=[[10, 12, 80, 70]])
+        masks[name + " logits"] = run("decoder", decoder_feeds(emb, coords, labels))["low_res_masks"]
+    np.testing.assert_allclose(masks["current logits"], masks["older logits"], rtol=1e-4, atol=1e-5)
+    assert np.abs(masks["current logits"]).max() > 0.1
+    assert np.array_equal(masks["current"][0], masks["older"][0])
+    np.testing.assert_allclose(masks["current"][1], masks["older"][1], rtol=1e-4, atol=1e-5)
