@@ -5,37 +5,14 @@ Prints latency, throughput, speed-up, size, peak RSS, parity, and the achieved G
 as a fraction of this machine's measured matmul ceiling for the variant's precision.
 """
 import json
-import time
 
 import torch
-from common import bench_arguments
+from common import bench_arguments, matmul_ceiling, precision_of
 
 from omedge.bench import add_ratios, bench_model
 from omedge.cli import bench_table, out
 
 VIT_B16_GFLOP = 33.7  # multiply-adds x 2 per 224 px forward
-
-
-def matmul_ceiling(threads: int, sizes=(1024, 2048, 3072), trials: int = 5) -> dict:
-    """Best observed dense matmul G(FL)OP/s of this machine through torch (oneDNN/MKL),
-    per precision: the best of several sizes and trials, since a shared VM is noisy."""
-    torch.set_num_threads(threads)
-    res = {}
-    for name, make, mm in [
-        ("fp32", lambda n: torch.randn(n, n), torch.matmul),
-        ("bf16", lambda n: torch.randn(n, n).bfloat16(), torch.matmul),
-        ("int8", lambda n: torch.randint(-128, 127, (n, n), dtype=torch.int8), torch._int_mm),
-    ]:
-        best = 0.0
-        for n in sizes:
-            a, b = make(n), make(n)
-            mm(a, b)
-            for _ in range(trials):
-                t = time.perf_counter()
-                mm(a, b)
-                best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-        res[name] = best
-    return res
 
 
 def main():
@@ -55,7 +32,7 @@ def main():
             continue
         gflops = VIT_B16_GFLOP * r["throughput"]
         rt = r["runtime"]
-        prec = "int8" if "int8" in r["variant"] else ("bf16" if rt.get("inference_precision") == "bf16" else "fp32")
+        prec = precision_of(r["variant"], rt)
         print(f"{r['variant']:28s} {rt['backend'] + '/' + str(rt.get('inference_precision', '')):30s} "
               f"{gflops:8.1f} {ceiling[prec]:8.0f} {gflops / ceiling[prec]:8.1%}")
     if args.json:

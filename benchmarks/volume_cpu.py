@@ -3,7 +3,7 @@
 mirroring unless --tta) with torch fp32 eager and with omedge bundles. Each variant runs
 in its own process (own peak RSS). An artifact that failed its export gate is refused by
 the runtime; here it is still timed, straight on its backend, and marked as such. Prints
-seconds, voxels/s, speed-up, peak RSS, the share of the machine's fp32 conv ceiling, and
+seconds, voxels/s, speed-up, peak RSS, the share of the machine's matmul ceiling for the row's precision, and
 per-class Dice against torch fp32; for INT8, what accuracy-aware quantization did.
 
 The weights: no STU-Net checkpoint can be downloaded here. A fully random 105-way head
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import matmul_ceiling, precision_of
 
 # Tissues of runtime.volume.synthetic_ct by HU level (levels closer than the phantom's
 # noise are merged) -> the STU-Net class ids that stand for them (arbitrary but fixed:
@@ -196,22 +197,24 @@ def main():
             print(f"{name}: {row['seconds']:.1f} s, Dice min {row['dice_min']:.4f}")
     gflop = conv_gflop_per_window(pre["patch_size"])
     windows = n_windows(shape, pre)
-    ceiling = fp32_ceiling_gflops()
+    ceiling = matmul_ceiling(args.threads)
     base = rows[0]["seconds"]
     print(f"\nSTU-Net-B, phantom {shape} voxels at 1.5 mm, {windows} windows of {pre['patch_size']} (step 0.5)"
-          f"{', 8-way TTA' if args.tta else ''}; {gflop:.0f} GFLOP per window; fp32 conv ceiling {ceiling:.0f} GFLOP/s")
-    print("| variant | runs on | export gate | seconds | Mvoxel/s | speed-up | peak RSS MB | GFLOP/s (share of fp32 "
-          "ceiling) | Dice min | voxel agreement |")
+          f"{', 8-way TTA' if args.tta else ''}; {gflop:.0f} GFLOP per window; matmul ceiling (torch, G(FL)OP/s) "
+          + ", ".join(f"{k} {v:.0f}" for k, v in ceiling.items()))
+    print("| variant | runs on | export gate | seconds | Mvoxel/s | speed-up | peak RSS MB | GFLOP/s (share of "
+          "its precision's ceiling) | Dice min | voxel agreement |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['variant']} | ERROR {r['error']} |")
             continue
         rate = gflop * windows * (8 if args.tta else 1) / r["seconds"]
+        prec = precision_of(r["variant"], {"inference_precision": r.get("exec")})
         gate = "-" if r["variant"].startswith("torch") else ("passed" if r["gate"] else "FAILED (speed only)")
         print(f"| {r['variant']} | {r['backend']} {r.get('exec') or ''} | {gate} | {r['seconds']:.1f} | "
               f"{r['voxels_per_s'] / 1e6:.3f} | {base / r['seconds']:.2f}x | {r['peak_rss_mb']:.0f} | "
-              f"{rate:.0f} ({rate / ceiling:.0%}) | {r['dice_min']:.4f} | {r['voxel_agreement']:.5f} |")
+              f"{rate:.0f} ({rate / ceiling[prec]:.0%} of {prec}) | {r['dice_min']:.4f} | {r['voxel_agreement']:.5f} |")
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=2)
 
@@ -279,20 +282,6 @@ def conv_gflop_per_window(patch) -> float:
     with torch.no_grad():
         model(torch.empty(1, 1, *patch, device="meta"))
     return sum(total) / 1e9
-
-
-def fp32_ceiling_gflops() -> float:
-    """The best dense fp32 matmul rate torch reaches on this machine (a few sizes, best of 3)."""
-    import torch
-    best = 0.0
-    for n in (1024, 2048):
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        for _ in range(3):
-            t = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 verify` runs on the device). Each kind picks its metric; the numbers live here."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 
 # Tensor gates per gate class (formats.Recipe.gate): the minimum per-sample cosine of
@@ -82,6 +85,31 @@ def concat(samples: list[dict]) -> dict:
 def as_stored(feed: dict) -> dict:
     """A feed as parity.npz keeps it: float inputs rounded to float16 (and back to float32)."""
     return {k: v.astype(np.float16).astype(np.float32) if v.dtype.kind == "f" else v for k, v in feed.items()}
+
+
+class SamplesOnDisk(Sequence):
+    """Reference outputs too large to hold through an export (a volume window's 105-class
+    logits: 0.9 GB each), moved to .npy files in `folder` and memory-mapped read-only
+    only while a caller holds an item: the backend runs that verification makes then do
+    not sit beside them in RAM (STU-Net-B: 1.8 GB of the export's peak)."""
+
+    def __init__(self, folder: Path, samples: list[dict]):
+        """Takes the samples out of `samples` one by one, so each is freed once written."""
+        folder.mkdir()
+        self.folder, self.names = folder, []
+        while samples:
+            sample = samples.pop(0)
+            for j, value in enumerate(sample.values()):
+                np.save(folder / f"{len(self.names)}.{j}.npy", np.asarray(value), allow_pickle=False)
+            self.names.append(list(sample))
+            del sample
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        return {name: np.load(self.folder / f"{i}.{j}.npy", mmap_mode="r")
+                for j, name in enumerate(self.names[i])}
 
 
 def save_samples(path, inputs: list[dict], reference: list[dict], extra: dict | None = None, float16=True):

@@ -24,7 +24,7 @@ from ..errors import ExportError, ParityError, UsageError
 from ..formats import GGUF_FOR_FLAG, recipe
 from ..kinds import get_kind
 from ..manifest import Artifact, Manifest
-from ..parity import as_stored, save_samples
+from ..parity import SamplesOnDisk, as_stored, save_samples
 from .verify import peak_rss_mb
 
 
@@ -230,6 +230,9 @@ class _Job:
             writer.check_space(int(n_params * 4 * (1 + len(self.recipes)) * 1.2) + (50 << 20))
             work = writer.dir / ".work"
             work.mkdir()
+            if self.kind.parity_streams:  # large reference windows wait on disk, not beside the backends' runs
+                writer.check_space(sum(a.nbytes for r in self.ref for a in r.values()))
+                self.ref = SamplesOnDisk(work / "reference", self.ref)
             if self.spec.graphs:
                 from . import graphs
                 artifacts, onnx_info = graphs.write(self, writer)
@@ -259,9 +262,9 @@ class _Job:
 
     def _finish(self, writer, artifacts, n_params, onnx_info, force) -> Path:
         _refuse_failures(artifacts, force)
-        shutil.rmtree(writer.dir / ".work", ignore_errors=True)
         self.constants = self._save_constants(writer.dir)
         save_samples(writer.dir / "parity.npz", self.verify_feeds, self.ref, self.extra, self.kind.store_float16)
+        shutil.rmtree(writer.dir / ".work", ignore_errors=True)  # after the samples: the reference may be there
         return writer.commit(self._manifest(artifacts, n_params, onnx_info))
 
     def _save_constants(self, root: Path) -> dict:

@@ -82,7 +82,7 @@ def peak_rss_mb() -> float | None:
 def _verify_on(runner, art, recipe, kind, feeds, reference, extra, pre, overrides) -> dict:
     runs = (runner.run(feed) for feed in feeds)  # batch 1, as the quantizer calibrated
     # a kind whose samples are large (a volume window's logits: 0.9 GB) compares each as it comes
-    candidate = runs if getattr(kind, "parity_streams", False) else list(runs)
+    candidate = runs if kind.parity_streams else list(runs)
     result = kind.parity(reference, candidate, recipe.gate, overrides, feeds)
     checks, failures = kind.pipeline_check(lambda b: runner.run({art.inputs[0]: b}), extra, pre, recipe.gate)
     result.update(checks)

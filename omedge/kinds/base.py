@@ -18,6 +18,9 @@ class Kind:
     min_verify = 4                # verification samples at the least
     max_verify: int | None = None  # and at the most (3-D patches are large)
     store_float16 = True          # verification inputs stored as float16 (rounded before the reference)
+    # samples too large to hold twice (volume windows): the export keeps the torch reference on
+    # disk and hands parity() the backend's outputs one at a time
+    parity_streams = False
     cli_predict_help = ""
     # `omedge batch`: the file suffixes a folder of this kind's inputs is listed by (none:
     # the kind is not batched), whether sub-folders are items (DICOM series), and whether

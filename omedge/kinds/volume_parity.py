@@ -4,7 +4,8 @@ A 105-class STU-Net window of 128^3 is 0.9 GB of float32 logits. Concatenating e
 window of torch and of the backend, then casting both to float64 for the cosine, took
 ~16 GB of the export's 20 GB peak (STU-Net-S). Here each backend window is compared
 with its torch window as it arrives and dropped, and the sums run over depth slabs, so
-verification holds the reference, one backend window and slabs of a few MB."""
+verification holds one reference window (memory-mapped from disk by the exporter,
+parity.SamplesOnDisk), one backend window and slabs of a few MB."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,18 +29,8 @@ def window_parity(reference, candidate, gate: str, gates: dict) -> dict:
         if got is None:
             result["failures"].append(f"{len(reference)} reference windows, fewer candidate windows")
             break
-        for name, r in ref.items():
-            why = None if name in failed else _unfit(name, r, got.get(name))
-            if why:
-                result["failures"].append(why)
-                failed.add(name)
-            if name not in failed:
-                rows = [_row_stats(np.asarray(r[i]), np.asarray(got[name][i]), gate) for i in range(len(r))]
-                if any(s["nonfinite"] for s in rows):
-                    result["failures"].append(f"{name}: {sum(s['nonfinite'] for s in rows)} NaN/Inf values")
-                    failed.add(name)
-                stats.setdefault(name, []).extend(rows)
-        del got  # before the next window is run
+        _add_window(ref, got, gate, stats, failed, result["failures"])
+        del got, ref  # released (the reference unmapped) before the next window is run
     for name, rows in stats.items():
         if name in failed:
             continue
@@ -48,6 +39,20 @@ def window_parity(reference, candidate, gate: str, gates: dict) -> dict:
             result["failures"].append(f"{name}: cosine {m['cosine_min']:.6f} < {gates['cosine_min']}")
     result["passed"] = not result["failures"]
     return result
+
+
+def _add_window(ref: dict, got: dict, gate: str, stats: dict, failed: set, failures: list) -> None:
+    for name, r in ref.items():
+        why = None if name in failed else _unfit(name, r, got.get(name))
+        if why:
+            failures.append(why)
+            failed.add(name)
+        if name not in failed:
+            rows = [_row_stats(np.asarray(r[i]), np.asarray(got[name][i]), gate) for i in range(len(r))]
+            if any(s["nonfinite"] for s in rows):
+                failures.append(f"{name}: {sum(s['nonfinite'] for s in rows)} NaN/Inf values")
+                failed.add(name)
+            stats.setdefault(name, []).extend(rows)
 
 
 def _unfit(name: str, ref, got) -> str | None:

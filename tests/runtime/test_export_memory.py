@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import omedge
-from omedge import models
+from omedge import exporters, models
 from omedge.kinds.volume_parity import window_parity
 from omedge.parity import (
     compare,
@@ -100,23 +100,42 @@ def tiny_stunet(tmp_path_factory):
     return path
 
 
+def _mapped_reference_files() -> int:
+    with open("/proc/self/maps") as f:
+        return len({line.split()[-1] for line in f if "/.work/reference/" in line})
+
+
 def test_export_verifies_window_by_window_and_records_peak_rss(tiny_stunet, tmp_path, monkeypatch):
     """The real export on onnxruntime: no backend output is alive when the next run starts
-    (the windows, then the phantom's batches), the session opens without its arena, and the
-    manifest records the process's peak RSS."""
-    runs, alive = [], []
-    real = OnnxRuntimeBackend.run
+    (the windows, then the phantom's batches); the torch reference windows are on disk by
+    then (their arrays freed, at most the window being compared memory-mapped), the session
+    opens without its arena, and the manifest records the process's peak RSS."""
+    runs, alive, torch_windows, torch_alive, mapped = [], [], [], [], []
+    real, real_reference = OnnxRuntimeBackend.run, exporters._Job.reference
 
-    def observed(self, inputs):  # the real session runs; this only counts outputs still referenced
+    def observed(self, inputs):  # the real session runs; this only counts what is still referenced
         runs.append(sum(w() is not None for w in alive))
+        torch_alive.append(sum(w() is not None for w in torch_windows))
+        mapped.append(_mapped_reference_files())
         out = real(self, inputs)
         alive.extend(weakref.ref(v) for v in out.values())
         return out
+
+    def reference(job, labels, seed):
+        real_reference(job, labels, seed)
+        torch_windows.extend(weakref.ref(a) for r in job.ref for a in r.values())
+        expected.extend({k: a.copy() for k, a in r.items()} for r in job.ref)
+    expected = []
     monkeypatch.setattr(OnnxRuntimeBackend, "run", observed)
+    monkeypatch.setattr(exporters._Job, "reference", reference)
     b = omedge.export("stu-net", tiny_stunet, formats=["onnx"], out=tmp_path / "b")
     par = manifest_dict(b)["artifacts"][0]["parity"]
     assert par["passed"] and par["measured_with"]["memory_arena"] is False
     assert len(runs) >= 3 and max(runs) == 0, runs  # 2 windows + the phantom
+    assert len(torch_windows) == 2 and max(torch_alive) == 0 and max(mapped) <= 1, (torch_alive, mapped)
+    with np.load(b / "parity.npz") as stored:  # the bundle keeps the reference as it was computed
+        assert all(np.array_equal(stored[f"ref.{i}.logits"], r["logits"]) for i, r in enumerate(expected))
+    assert not list(b.rglob("*.npy")) and not list(tmp_path.glob(".*"))  # nothing of the work left
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
     assert 100 < par["peak_rss_mb"] <= hwm + 0.1  # recorded to 0.1 MB

@@ -9,6 +9,7 @@ from omedge.parity import decisive_threshold, dice_scores, logit_scale, top2_mar
 from omedge.runtime.volume import (
     FP16_SAFE,
     class_argmax,
+    roll_axis,
     sliding_argmax,
     sliding_window,
 )
@@ -26,7 +27,8 @@ def fake_net(batch: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("shape, patch, step", [((1, 70, 40, 36), (24, 16, 16), 0.5),
                                                 ((1, 20, 30, 30), (32, 16, 16), 0.5),   # shallower than a patch
-                                                ((1, 53, 33, 29), (16, 16, 16), [0.33, 0.5, 1.0])])
+                                                ((1, 53, 33, 29), (16, 16, 16), [0.33, 0.5, 1.0]),
+                                                ((1, 20, 30, 70), (16, 16, 16), 0.5)])  # rolls along width
 def test_same_labels_as_the_full_logits(shape, patch, step):
     x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     want = class_argmax(sliding_window(x, fake_net, patch, step, batch_size=3))
@@ -52,6 +54,25 @@ def test_accumulator_is_one_patch_deep():
     full = K * 256 * 48 * 48 * 4
     assert peaks[0] > full
     assert peaks[1] < peaks[0] - 0.8 * full and peaks[1] < peaks[0] / 2, peaks
+
+
+@pytest.mark.parametrize("shape, axis", [((1, 40, 48, 160), 2), ((1, 40, 160, 48), 1), ((1, 160, 40, 48), 0)])
+def test_accumulator_rolls_along_the_axis_with_most_patches(shape, axis):
+    """A CT is often wider than it is deep: the open rows follow the long axis, so the
+    accumulator is one patch along it (a fifth of the volume here) whichever axis it is."""
+    x = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+    patch = (32, 32, 32)
+    assert roll_axis(shape[1:], patch) == axis
+    peaks, labels = [], []
+    for fn in (lambda: class_argmax(sliding_window(x, fake_net, patch, 0.5, batch_size=1)),
+               lambda: sliding_argmax(x, fake_net, patch, 0.5, batch_size=1)):
+        tracemalloc.start()
+        labels.append(fn())
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    full = K * 40 * 48 * 160 * 4  # rolling along the 40-deep axis would keep 32/40 of it
+    assert peaks[0] > full and peaks[1] < peaks[0] - 0.6 * full, (peaks, full)
+    np.testing.assert_array_equal(labels[1], labels[0])
 
 
 def test_float16_sums_keep_every_decisive_voxel():
