@@ -18,14 +18,14 @@ def verify_artifact(art: Artifact, recipe, root: Path, kind, feeds: list[dict], 
                     extra: dict, pre: dict, overrides: dict) -> None:
     def measure(backend, runner):
         return _verify_on(runner, art, recipe, kind, feeds, reference, extra, pre, overrides)
-    verify_with(art, recipe, root, measure, kind)
+    verify_with(art, recipe, root, measure, kind.runner_options_for(pre))
 
 
-def verify_with(art: Artifact, recipe, root: Path, measure, kind=None) -> None:
+def verify_with(art: Artifact, recipe, root: Path, measure, runner_options: dict | None = None) -> None:
     """Run `measure(backend, runner) -> parity record` on every backend of the recipe
     (multi-graph bundles measure end to end through it, exporters/graphs.py) and record
-    the result in `art`; runners open with the kind's `runner_options`, as its predictor
-    opens them."""
+    the result in `art`; runners open with the kind's `runner_options_for` the bundle, as
+    its predictor opens them."""
     results, absent = {}, {}
     for backend in recipe.backends:
         found = probe(backend)
@@ -36,7 +36,7 @@ def verify_with(art: Artifact, recipe, root: Path, measure, kind=None) -> None:
             continue
         # bf16 is verified even where this CPU only emulates it: slow, but the numbers are bf16's
         options = {**art.runtime.get(backend, {}), "allow_emulated_bf16": True,
-                   **getattr(kind, "runner_options", {})}  # as the kind's predictor opens it (volumes: no arena)
+                   **(runner_options or {})}  # as the kind's predictor opens it (volumes: no arena, one shape)
         runner = backend_class(backend)({"model": root / art.entry}, "cpu", options)
         result = measure(backend, runner)
         result["passed"] = not result["failures"]

@@ -6,7 +6,9 @@ calibration or verification sample, so kinds with variable-length inputs fit too
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -21,6 +23,7 @@ class Kind:
     # samples too large to hold twice (volume windows): the export keeps the torch reference on
     # disk and hands parity() the backend's outputs one at a time
     parity_streams = False
+    runner_options: Mapping = MappingProxyType({})
     cli_predict_help = ""
     # `omedge batch`: the file suffixes a folder of this kind's inputs is listed by (none:
     # the kind is not batched), whether sub-folders are items (DICOM series), and whether
@@ -32,6 +35,11 @@ class Kind:
     run_extras: tuple[str, ...] = ()
 
     # -- build side ---------------------------------------------------------------
+    def runner_options_for(self, pre: dict) -> dict:
+        """The backend options its predictor and the export's verification both open runners
+        with, so that what runs is what was measured."""
+        return dict(self.runner_options)
+
     def export_request(self, spec, preprocess: dict, options: dict) -> tuple[dict, list[dict], dict]:
         """(preprocess, input tensor dicts, build options) for kind-specific export
         options (video: frames). The default accepts none."""

@@ -190,7 +190,9 @@ def sliding_argmax(x: np.ndarray, run: Callable[[np.ndarray], np.ndarray], patch
             part = acc_r[:, z:z + k] if averaged else acc_r[:, z:z + k] / weight_r[base + z:base + z + k]
             labels_r[base + z:base + z + k] = part.argmax(0)
         keep = max(0, rows - n)
-        acc_r[:, :keep] = acc_r[:, n:n + keep]
+        for z in range(0, keep, 8):  # in slabs: numpy copies views whose extents interleave through a
+            k = min(8, keep - z)     # temporary, which for the whole shift was 1 GB (105 classes)
+            acc_r[:, z:z + k] = acc_r[:, n + z:n + z + k]
         acc_r[:, keep:] = 0
 
     for chunk, out in _batches(xp, patch, windows, run, batch_size, mirror, progress):

@@ -129,6 +129,9 @@ class OpenVINOBackend(Backend):
         if device == "npu":  # the NPU compiler needs static shapes
             model.reshape({model.inputs[0].any_name: [1, *list(model.inputs[0].get_partial_shape())[1:]]})
             self.max_batch = 1
+        if options.get("input_shape") and device != "npu":  # every run has this shape (a volume window)
+            model.reshape({model.inputs[0].any_name: list(options["input_shape"])})
+            self.max_batch = options["input_shape"][0]
         self.mode, self.device = options.get("mode", "latency"), device
         self._profile = [] if options.get("profile") else None  # one {node: row} per run
         config = self._config(device, options)
