@@ -35,11 +35,6 @@ class Kind:
     run_extras: tuple[str, ...] = ()
 
     # -- build side ---------------------------------------------------------------
-    def runner_options_for(self, pre: dict) -> dict:
-        """The backend options its predictor and the export's verification both open runners
-        with, so that what runs is what was measured."""
-        return dict(self.runner_options)
-
     def export_request(self, spec, preprocess: dict, options: dict) -> tuple[dict, list[dict], dict]:
         """(preprocess, input tensor dicts, build options) for kind-specific export
         options (video: frames). The default accepts none."""
@@ -106,6 +101,11 @@ class Kind:
         raise NotImplementedError
 
     # -- run side -----------------------------------------------------------------
+    def runner_options_for(self, pre: dict) -> dict:
+        """The backend options its predictor and the export's verification both open runners
+        with, so that what runs is what was measured."""
+        return dict(self.runner_options)
+
     def checkpoint_options(self, weights) -> dict:
         """Export options that files beside the checkpoint give (volumes: nnU-Net plans)."""
         return {}
