@@ -46,9 +46,9 @@ def main():
     ap.add_argument("--calib", help="a folder of images for INT8 (default: synthetic)")
     ap.add_argument("--calib-size", type=int, default=16)
     ap.add_argument("--verify-size", type=int, default=3)
-    # onnxruntime's static calibrator records every tensor of the 1024^2 encoder (the global
-    # blocks' 12 x 4096 x 4096 attention maps): on a 23 GB machine it was killed for memory
-    ap.add_argument("--int8-formats", default="openvino", help="formats for INT8 (onnx needs > 23 GB RAM here)")
+    # ONNX INT8 of the 1024^2 encoder calibrates one image per pass (quantize/onnx_int8.py):
+    # 13.9 GB peak and 8 min for 12 images on 2 cores, and on random weights it misses its gate
+    ap.add_argument("--int8-formats", default="openvino", help="formats for INT8 (onnx: ~14 GB RAM, ~8 min)")
     ap.add_argument("--work", help="keep the bundles in this folder and reuse those already there")
     ap.add_argument("--export-only", action="store_true", help="export into --work and stop (no timing)")
     args = ap.parse_args()

@@ -27,9 +27,11 @@ from pathlib import Path
 import onnx
 
 from . import WEIGHTS_7BIT
+from .diagnose import QUANTIZED_OPS
 
 PERCENTILE = 99.999
 DIAGNOSE_LAYERS = 5
+CALIB_PASS_BYTES = 2 * 2 ** 30  # calibrated activations held at once (see calibrate)
 
 
 def _activation_matmuls(model: onnx.ModelProto) -> list[str]:
@@ -67,10 +69,54 @@ def _reader(samples: list[dict]):
     return Reader()
 
 
+def _calibrated_tensors(model: onnx.ModelProto, excluded: list[str]) -> set[str]:
+    """The activations the quantizer reads ranges for: inputs and outputs of the nodes it
+    quantizes. onnxruntime's calibrator would take those of every node of these op types,
+    the excluded attention MatMuls too, whose score matrices (12 x 4096^2 floats, 0.8 GB
+    for SAM's global attention) it keeps per sample for its histograms."""
+    skip = set(excluded)
+    weights = {i.name for i in model.graph.initializer}
+    return {t for n in model.graph.node if n.op_type in QUANTIZED_OPS and n.name not in skip
+            for t in (*n.input, *n.output) if t and t not in weights}
+
+
+def calibrate(model_path: Path, calib: list[dict], excluded: list[str], method, work: Path):
+    """Activation ranges (onnxruntime's TensorsData) and the samples per pass. Its histogram
+    calibrators hold every calibrated tensor of every sample of a pass before they count
+    them (SAM's 1024^2 encoder went past 18 GB on 12 images), so a pass takes as many
+    samples as fit in CALIB_PASS_BYTES. Small models still take all in one pass: a pass's
+    first histogram sets the bin width, so splitting moves the ranges slightly, and the
+    gates were set on one pass."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater, PercentileCalibrater
+
+    from ..exporters.onnx import uses_external_data
+    wanted = _calibrated_tensors(onnx.load(str(model_path), load_external_data=False), excluded)
+    base, options = ((PercentileCalibrater, {"symmetric": True, "num_bins": 2048, "percentile": PERCENTILE})
+                     if method == CalibrationMethod.Percentile else (MinMaxCalibrater, {}))
+
+    def select(self, model):
+        tensors, infos = base.select_tensors_to_calibrate(self, model)
+        return tensors & wanted, infos
+
+    cls = type(f"Selected{base.__name__}", (base,), {"select_tensors_to_calibrate": select})
+    calibrator = cls(str(model_path), list(QUANTIZED_OPS), augmented_model_path=str(work / "augmented.onnx"),
+                     use_external_data_format=uses_external_data(model_path), **options)
+    calibrator.augment_graph()
+    calibrator.create_inference_session()
+    # what one sample's calibrated outputs take, measured (shape inference leaves sizes unknown)
+    per_sample = sum(o.nbytes for o in calibrator.infer_session.run(None, calib[0]))
+    per_pass = min(len(calib), max(1, CALIB_PASS_BYTES // max(1, per_sample)))
+    for start in range(0, len(calib), per_pass):
+        calibrator.collect_data(_reader(calib[start:start + per_pass]))
+    return calibrator.compute_data(), per_pass
+
+
 def quantize_static(src: Path, dst: Path, calib: list[dict]) -> dict:
     """calib: feeds {input name: batch-1 array}, one per calibration sample."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as qs
+    from onnxruntime.quantization.calibrate import save_tensors_data
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from ..exporters.onnx import uses_external_data
@@ -88,12 +134,14 @@ def quantize_static(src: Path, dst: Path, calib: list[dict]) -> dict:
         same_shape = len({tuple(a.shape) for feed in calib for a in feed.values()}) <= len(calib[0])
         method, method_name = ((CalibrationMethod.Percentile, f"percentile {PERCENTILE}") if same_shape
                                else (CalibrationMethod.MinMax, "minmax (calibration inputs of varying shape)"))
+        ranges = Path(tmp) / "ranges.json"
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its ranges
-            qs(str(pre), str(dst), _reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-               activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-               op_types_to_quantize=["MatMul", "Gemm", "Conv"], nodes_to_exclude=excluded,
-               calibrate_method=method, use_external_data_format=large, reduce_range=True,
-               extra_options={"CalibPercentile": PERCENTILE} if same_shape else {})
+            tensors_range, per_pass = calibrate(pre, calib, excluded, method, Path(tmp))
+            save_tensors_data(tensors_range, ranges)
+            qs(str(pre), str(dst), None, calibration_cache_path=str(ranges), quant_format=QuantFormat.QDQ,
+               per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+               op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=excluded,
+               calibrate_method=method, use_external_data_format=large, reduce_range=True)
         # per-layer loss on one calibration sample, named if the gate fails (not past 2 GB:
         # exposing outputs would rewrite the weights file)
         worst = [] if large else layer_losses(pre, dst, calib[0], DIAGNOSE_LAYERS)
@@ -101,6 +149,7 @@ def quantize_static(src: Path, dst: Path, calib: list[dict]) -> dict:
             "activations": "uint8 per-tensor (range: " + (f"{PERCENTILE}th percentile of the calibration histogram)"
                                                           if same_shape else "min/max over the calibration inputs)"),
             **WEIGHTS_7BIT, "calibration_samples": len(calib),
+            "calibration_passes": -(-len(calib) // per_pass),
             "float_nodes": f"{len(excluded) - len(heads)} activation x activation MatMuls"
                            + (f", the output layer(s) {', '.join(heads)}" if heads else "")}
     if worst:
