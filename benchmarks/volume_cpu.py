@@ -81,7 +81,8 @@ if target.endswith(".model"):  # nnU-Net's own way: the whole volume's logits, t
     info["logit_scale"] = logit_scale(logits)
     del logits
 else:
-    labels = segment(vol, run, pre, batch_size=batch, mirror=tta == "tta")
+    labels = segment(vol, run, pre, batch_size=batch, mirror=tta == "tta", accumulator=sys.argv[9])
+    info["accumulator"] = sys.argv[9]
     secs = time.perf_counter() - t
 np.save(out, labels)
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
@@ -147,6 +148,8 @@ def main():
     ap.add_argument("--calib-size", type=int, default=8)
     ap.add_argument("--tta", action="store_true", help="8-way mirroring on every side (8x the work)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the machine's cores)")
+    ap.add_argument("--accumulator", choices=("float32", "float16"), default="float32",
+                    help="the bundles' class-score accumulator (torch keeps nnU-Net's full float32 logits)")
     ap.add_argument("--workdir", help="keep bundles and label maps here")
     ap.add_argument("--json")
     ap.add_argument("--plain-int8", action="store_true",
@@ -192,7 +195,7 @@ def main():
         for name, target, artifact, mode in runs:
             out = tmp / f"labels-{len(rows)}.npy"
             r = subprocess.run([sys.executable, "-c", WORKER, target, str(tmp / "ct.npz"), json.dumps(pre), artifact,
-                                str(out), mode, "tta" if args.tta else "-", str(args.threads)],
+                                str(out), mode, "tta" if args.tta else "-", str(args.threads), args.accumulator],
                                capture_output=True, text=True)
             if r.returncode != 0:
                 rows.append({"variant": name, "error": r.stderr.strip().splitlines()[-1][:200]})

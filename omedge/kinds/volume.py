@@ -32,16 +32,21 @@ class VolumePredictor(Predictor):
         own = KIND.runner_options_for(self.manifest.preprocess)
         return {**super().backend_options(art, name, threads, mode), **own}
 
-    def segment(self, volume, tta: bool = False, batch_size: int = 1, progress=None):
+    def segment(self, volume, tta: bool = False, batch_size: int = 1, progress=None, accumulator: str = "auto"):
         """A CT/MR volume (NIfTI path, DICOM series folder or io.volume.Volume) -> label
         map on the input's grid (NIfTI voxel order) and the Volume it belongs to. One
         window per run by default: a second 128^3 window of 105 classes costs ~3 GB
-        (the backend's buffers, its output and the copy) for about the same speed on a CPU."""
+        (the backend's buffers, its output and the copy) for about the same speed on a CPU.
+        accumulator: the class scores' dtype, "auto" (float16 only where float32 would not
+        fit, runtime.volume.choose_accumulator), "float32" or "float16"; the choice and its
+        reason are in `last_segment`."""
         from ..io.volume import Volume, read_volume
         from ..runtime.volume import segment
         vol = volume if isinstance(volume, Volume) else read_volume(volume)
+        self.last_segment = {}
         labels = segment(vol, lambda b: self.run(b, batch_size=batch_size)["logits"], self.manifest.preprocess,
-                         batch_size=batch_size, mirror=tta, progress=progress)
+                         batch_size=batch_size, mirror=tta, progress=progress, accumulator=accumulator,
+                         classes=len(self.labels) if self.labels else None, report=self.last_segment)
         return labels, vol
 
     def write_dicom_seg(self, labels, vol, path, overwrite: bool = False):
@@ -203,6 +208,9 @@ class VolumeKind(Kind):
 
     def add_cli_arguments(self, parser):
         parser.add_argument("--tta", action="store_true", help="volumes: 8-way mirroring (slower, as nnU-Net)")
+        parser.add_argument("--accumulator", choices=("auto", "float32", "float16"), default="auto",
+                            help="volumes: dtype of the sliding window's class scores; auto (default) takes float16, "
+                                 "half the memory, only where float32 would not fit in the memory available")
         parser.add_argument("--format", dest="volume_format", choices=list(OUTPUT_FORMATS),
                             help="volumes: the label map as NIfTI or as a DICOM-SEG referencing the input series "
                                  "(default: from the -o suffix, .dcm -> dicom-seg)")
@@ -267,7 +275,8 @@ def _predict_volume(p, args, ui, src, fmt: str) -> dict:
     with Progress(console=ui.err, transient=True) as bar:
         task = bar.add_task(f"segmenting {Path(src).name}", total=None)
         labels, vol = p.segment(vol, tta=args.tta, batch_size=args.batch_size or 1,
-                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+                                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                                accumulator=getattr(args, "accumulator", "auto"))
     if fmt == "dicom-seg":
         p.write_dicom_seg(labels, vol, target, overwrite=args.overwrite)
     else:
@@ -276,7 +285,7 @@ def _predict_volume(p, args, ui, src, fmt: str) -> dict:
         p.write_preview(labels, vol, preview, overwrite=args.overwrite)
     return {"input": str(src), "output": str(target), "format": fmt, "preview": str(preview) if preview else None,
             "shape": list(vol.data.shape), "spacing_mm": [round(float(v), 4) for v in vol.spacing],
-            "seconds": time.perf_counter() - t0, "volumes_ml": class_volumes(labels, vol, p.labels)}
+            "seconds": time.perf_counter() - t0, **p.last_segment, "volumes_ml": class_volumes(labels, vol, p.labels)}
 
 
 def _logits(out):

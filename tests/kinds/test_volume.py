@@ -62,10 +62,19 @@ def test_predict_nifti_keeps_geometry_and_reports_volumes(stunet_bundle, tmp_pat
     r = subprocess.run([sys.executable, "-m", "omedge.cli", "predict", str(stunet_bundle), str(ct), "-o", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "already exists" in r.stderr
+    assert res["accumulator"] == "float32" and res["accumulator_reason"].startswith("auto: float32 needs")
     # the Python API gives the same label map as the file
     p = omedge.load(stunet_bundle)
     labels, _ = p.segment(ct)
     np.testing.assert_array_equal(labels, seg.data.astype(labels.dtype))
+    # float16 class scores (what auto takes where float32 would not fit), asked for on the command line
+    half = tmp_path / "ct_seg16.nii.gz"
+    r = subprocess.run([sys.executable, "-m", "omedge.cli", "predict", str(stunet_bundle), str(ct), "-o", str(half),
+                        "--accumulator", "float16", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res16 = json.loads(r.stdout)["results"][0]
+    assert res16["accumulator"] == "float16" and res16["accumulator_reason"] == "asked for"
+    assert (read_volume(half).data == seg.data).mean() > 0.99
 
 
 def test_predict_dicom_series_and_torch_parity(stunet_bundle, stunet_file, tmp_path):

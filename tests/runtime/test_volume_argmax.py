@@ -5,10 +5,14 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from omedge.errors import InputError
 from omedge.parity import decisive_threshold, dice_scores, logit_scale, top2_margin
 from omedge.runtime.volume import (
     FP16_SAFE,
+    accumulator_bytes,
+    choose_accumulator,
     class_argmax,
+    memory_available,
     roll_axis,
     sliding_argmax,
     sliding_window,
@@ -113,3 +117,20 @@ def test_float16_accumulator_halves_the_accumulator():
         tracemalloc.stop()
     acc32 = K * 32 * 96 * 96 * 4
     assert peaks[0] - peaks[1] > 0.4 * acc32, (peaks, acc32)
+
+
+def test_auto_accumulator_takes_float16_only_where_float32_does_not_fit():
+    """STU-Net-B sizes: 105 classes, 128^3 windows, a 160x256x256 volume at 1.5 mm; the
+    float32 rows are 2.2 GB, the working windows 3.5 GB more."""
+    shape, patch, gb = (160, 256, 256), (128, 128, 128), 2 ** 30
+    assert accumulator_bytes(shape, patch, 105) == 105 * 160 * 128 * 256 * 4
+    assert accumulator_bytes(shape, patch, 105, np.float16) * 2 == accumulator_bytes(shape, patch, 105)
+    dtype, why = choose_accumulator(shape, patch, 105, "auto", available=16 * gb)
+    assert dtype is np.float32 and "16.0 GB available" in why
+    dtype, why = choose_accumulator(shape, patch, 105, "auto", available=5 * gb)
+    assert dtype is np.float16 and "only 5.0 GB available" in why
+    assert choose_accumulator(shape, patch, 105, "float32", available=1)[0] is np.float32  # asked for: as given
+    assert choose_accumulator(shape, patch, None, "auto", available=1)[0] is np.float32    # cannot estimate
+    with pytest.raises(InputError, match="auto, float32 or float16"):
+        choose_accumulator(shape, patch, 105, "int8")
+    assert memory_available() > 0  # this Linux machine's /proc/meminfo
