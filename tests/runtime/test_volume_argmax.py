@@ -133,4 +133,6 @@ def test_auto_accumulator_takes_float16_only_where_float32_does_not_fit():
     assert choose_accumulator(shape, patch, None, "auto", available=1)[0] is np.float32    # cannot estimate
     with pytest.raises(InputError, match="auto, float32 or float16"):
         choose_accumulator(shape, patch, 105, "int8")
+    with pytest.raises(InputError, match="auto, float32 or float16"):
+        choose_accumulator(shape, patch, 105, "fp16-ish")  # not a numpy dtype at all: the same typed error
     assert memory_available() > 0  # this Linux machine's /proc/meminfo
